@@ -1,0 +1,29 @@
+# Two commands for a fresh clone:  `make train` (the default fine-tuning job) and `make test`.
+# Both build .venv first: the CPU build of torch 2.13, then looptrain with pinned dependencies.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install train test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and alone: with torch already installed, pip never pulls a multi-GB CUDA build for it
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+train: install
+	$(PY) scripts/train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) trainer_output tmp_trainer

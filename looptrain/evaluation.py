@@ -1,0 +1,256 @@
+"""Evaluation and prediction: `evaluate()`, `predict()`, and the loop they share.
+
+Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
+  * every evaluation builds a new DataLoader iterator, which takes one draw from the global RNG, so
+    an evaluation in the middle of training shifts every later dropout mask;
+  * `eval_loss` is the float32 mean over *samples* of per-batch mean losses: each batch loss is repeated
+    `eval_batch_size` times and the last batch is cut to the dataset's remainder by `gather_for_metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_detach
+from transformers.trainer_utils import (
+    EvalLoopOutput,
+    EvalPrediction,
+    PredictionOutput,
+    denumpify_detensorize,
+    speed_metrics,
+)
+
+from . import data as data_utils
+
+
+class EvaluationMixin:
+    """`evaluate`, `predict`, `evaluation_loop` and `prediction_step`; mixed into `looptrain.Trainer`."""
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """A new sequential DataLoader over `eval_dataset` (a name picks one of a dict of eval sets)."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer.evaluate() needs an eval_dataset (pass one to Trainer or to evaluate()).")
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        elif eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        sampler = self._get_eval_sampler(eval_dataset)
+        return data_utils.build_dataloader(self, eval_dataset, self.args.eval_batch_size, sampler, False, "evaluation")
+
+    def get_test_dataloader(self, test_dataset):
+        sampler = self._get_eval_sampler(test_dataset)
+        return data_utils.build_dataloader(self, test_dataset, self.args.eval_batch_size, sampler, False, "test")
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate, log the metrics (adding `epoch`), fire `on_evaluate`, return them.
+
+        A dict of datasets is evaluated one by one with prefixes `eval_<name>_...`.
+        """
+        override = eval_dataset is not None
+        eval_dataset = eval_dataset if override else self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(
+                    self.evaluate(dataset if override else name, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
+                )
+            return metrics
+
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        start_time = time.time()
+        output = self.evaluation_loop(
+            dataloader,
+            description="Evaluation",
+            # Trainer: without compute_metrics there is no reason to keep predictions.
+            prediction_loss_only=True if self.compute_metrics is None else None,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        self._add_speed_metrics(output, metric_key_prefix, start_time)
+        self.log(output.metrics)  # also adds "epoch" to the returned dict, as Trainer does
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> PredictionOutput:
+        """Predictions (numpy), labels if the data has them, and `test_*` metrics. Nothing is logged."""
+        dataloader = self.get_test_dataloader(test_dataset)
+        start_time = time.time()
+        output = self.evaluation_loop(dataloader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        self._add_speed_metrics(output, metric_key_prefix, start_time)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
+
+    def _add_speed_metrics(self, output, prefix, start_time):
+        prep = output.metrics.get(f"{prefix}_model_preparation_time")
+        if prep is not None:
+            start_time += prep
+        batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
+        output.metrics.update(speed_metrics(prefix, start_time, num_samples=output.num_samples, num_steps=batches))
+
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False) -> dict[str, float]:
+        """Evaluation during training; plateau-type schedulers step on its metric."""
+        from .trainer import _steps_on_metrics
+
+        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        if _steps_on_metrics(self.lr_scheduler) and not skip_scheduler:
+            key = self.args.metric_for_best_model
+            key = key if key.startswith("eval_") else f"eval_{key}"
+            if key not in metrics:
+                raise KeyError(f"The scheduler steps on {key!r}, which evaluation did not return ({list(metrics)}).")
+            self.lr_scheduler.step(metrics[key])
+        return metrics
+
+    def evaluation_loop(
+        self, dataloader, description: str, prediction_loss_only: bool | None = None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> EvalLoopOutput:
+        """Run `prediction_step` over `dataloader`, gather across processes, compute the metrics."""
+        args = self.args
+        prediction_loss_only = prediction_loss_only if prediction_loss_only is not None else args.prediction_loss_only
+        model = self.model  # Trainer evaluates the unwrapped model: no DDP sync is needed under no_grad
+        if len(self.accelerator._models) == 0:
+            # Trainer: evaluating before training prepares the model here, and reports how long it took.
+            start = time.time()
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            self.model_preparation_time = round(time.time() - start, 4)
+            if model is not self.model:
+                self.model_wrapped = model
+        model.eval()
+        if hasattr(self.optimizer, "eval") and callable(self.optimizer.eval):
+            self.optimizer.eval()
+        self.callback_handler.eval_dataloader = dataloader
+        batch_size = args.eval_batch_size
+
+        containers = [EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100) for _ in range(4)]
+        all_losses, all_preds, all_labels, all_inputs = containers
+        keep_predictions = not args.batch_eval_metrics or description == "Prediction"
+        metrics, observed = None, 0
+        for step, inputs in enumerate(dataloader):  # a new iterator: one global RNG draw, as in Trainer
+            if step == 0:
+                self._check_eval_batch(inputs, description, prediction_loss_only)
+            observed_batch = find_batch_size(inputs)
+            if observed_batch is not None:
+                observed += observed_batch
+            losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            inputs_decode = self._prepare_input(inputs[main_input]) if "inputs" in args.include_for_metrics else None
+
+            if losses is not None:
+                # Trainer: one loss per sample slot of the configured batch size; gather_for_metrics
+                # trims the last batch to the dataset's remainder, so eval_loss weighs batches by size.
+                losses = self.accelerator.gather_for_metrics(losses.repeat(batch_size))
+                all_losses.add(losses)
+            if inputs_decode is not None:
+                inputs_decode = self.accelerator.gather_for_metrics(self.accelerator.pad_across_processes(inputs_decode, dim=1, pad_index=-100))
+                if keep_predictions:
+                    all_inputs.add(inputs_decode)
+            if labels is not None:
+                labels = self.accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
+            if logits is not None:
+                logits = self.accelerator.pad_across_processes(logits, dim=1, pad_index=-100)
+                if self.preprocess_logits_for_metrics is not None:
+                    logits = self.preprocess_logits_for_metrics(logits, labels)
+                logits = self.accelerator.gather_for_metrics(logits)
+                if keep_predictions:
+                    all_preds.add(logits)
+            if labels is not None:
+                labels = self.accelerator.gather_for_metrics(labels)
+                if keep_predictions:
+                    all_labels.add(labels)
+            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
+
+            if args.batch_eval_metrics:
+                # Streaming metrics: compute_metrics sees one batch at a time and returns its result on
+                # the last (compute_result=True), so no prediction is kept.
+                if self.compute_metrics is not None and logits is not None and labels is not None:
+                    batch_kwargs = {
+                        "losses": losses if "loss" in args.include_for_metrics else None,
+                        "inputs": inputs if "inputs" in args.include_for_metrics else None,
+                    }
+                    metrics = self.compute_metrics(
+                        EvalPrediction(predictions=logits, label_ids=labels, **batch_kwargs),
+                        compute_result=self.accelerator.gradient_state.end_of_dataloader,
+                    )
+                del losses, logits, labels, inputs
+            elif args.eval_accumulation_steps is not None and (step + 1) % args.eval_accumulation_steps == 0:
+                for container in containers:  # move to host memory every N steps
+                    container.to_cpu_and_numpy()
+
+        all_losses, all_preds, all_labels, all_inputs = (c.get_arrays() for c in containers)
+        eval_dataset = getattr(dataloader, "dataset", None)
+        num_samples = len(eval_dataset) if data_utils.has_length(eval_dataset) else observed
+        if num_samples == 0 and observed > 0:
+            num_samples = observed
+
+        if self.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
+            eval_kwargs = {
+                "losses": all_losses if "loss" in args.include_for_metrics else None,
+                "inputs": all_inputs if "inputs" in args.include_for_metrics else None,
+            }
+            metrics = self.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels, **eval_kwargs))
+        elif metrics is None:
+            metrics = {}
+        metrics = denumpify_detensorize(metrics)
+        losses = np.concatenate(all_losses) if isinstance(all_losses, list) and all_losses else all_losses
+        if isinstance(losses, np.ndarray):
+            finite = np.isfinite(losses)
+            if args.logging_nan_inf_filter and finite.any():
+                losses = losses[finite]
+            metrics[f"{metric_key_prefix}_loss"] = losses.mean().item()  # float32 mean, as Trainer
+        if hasattr(self, "model_preparation_time"):
+            metrics[f"{metric_key_prefix}_model_preparation_time"] = self.model_preparation_time
+        # Trainer: prefix every key; popping and re-inserting puts `<prefix>_loss` first.
+        for key in list(metrics.keys()):
+            if not key.startswith(f"{metric_key_prefix}_"):
+                metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
+        return EvalLoopOutput(predictions=all_preds, label_ids=all_labels, metrics=metrics, num_samples=num_samples)
+
+    def _check_eval_batch(self, inputs, description, prediction_loss_only):
+        """Trainer silently skips compute_metrics when the batch lacks a label; looptrain says so."""
+        if description != "Evaluation" or self.compute_metrics is None or prediction_loss_only or not self.label_names:
+            return
+        missing = [name for name in self.label_names if inputs.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"compute_metrics needs labels, but the evaluation batch has no {missing} (it has "
+                f"{sorted(inputs.keys())}). Add a 'label'/'labels' column to the eval dataset, or set "
+                "TrainingArguments(label_names=[...]) to the key that holds them."
+            )
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
+        """One batch without gradients: (loss, logits, labels), each possibly None."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        return_loss = inputs.get("return_loss")
+        if return_loss is None:
+            return_loss = self.can_return_loss
+        loss_without_labels = len(self.label_names) == 0 and return_loss
+        inputs = self._prepare_inputs(inputs)
+        if ignore_keys is None:
+            ignore_keys = getattr(self.model.config, "keys_to_ignore_at_inference", ["cache"]) if hasattr(self.model, "config") else []
+        if has_labels or loss_without_labels:
+            labels = nested_detach(tuple(inputs.get(name) for name in self.label_names))
+            labels = labels[0] if len(labels) == 1 else labels
+        else:
+            labels = None
+
+        with torch.no_grad():
+            if has_labels or loss_without_labels:
+                num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+                with self.compute_loss_context_manager():
+                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+                loss = loss.detach().mean()
+                logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"]) if isinstance(outputs, dict) else outputs[1:]
+            else:
+                loss = None
+                with self.compute_loss_context_manager():
+                    outputs = model(**inputs)
+                logits = tuple(v for k, v in outputs.items() if k not in ignore_keys) if isinstance(outputs, dict) else outputs
+
+        if prediction_loss_only:
+            return loss, None, None
+        logits = nested_detach(logits)
+        if len(logits) == 1:
+            logits = logits[0]
+        return loss, logits, labels
