@@ -170,6 +170,8 @@ class TrainingArguments:
                 f"use one of {SUPPORTED_SAMPLING}, or override Trainer._get_train_sampler."
             )
 
+        if self.eval_strategy != IntervalStrategy.NO:
+            self.do_eval = True  # transformers does the same, for scripts that read do_eval
         # transformers: eval_strategy="steps" without eval_steps evaluates every logging_steps
         if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
             if self.logging_steps <= 0:
