@@ -1,0 +1,117 @@
+"""Bad input fails before any work, with a message that names the problem and the fix."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+
+import looptrain
+from helpers import accuracy, random_token_dataset, tiny_bert
+
+
+def _args(tmp_path, **kwargs):
+    return looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=True, **kwargs)
+
+
+def test_no_labels_and_no_loss_function(tmp_path):
+    train = random_token_dataset(16, 0).remove_columns(["label"])
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=train)
+    with pytest.raises(ValueError, match="no labels.*compute_loss_func"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not any(p.startswith("checkpoint") for p in os.listdir(tmp_path))
+
+
+def test_no_labels_is_fine_with_a_loss_function(tmp_path):
+    train = random_token_dataset(16, 0).remove_columns(["label"])
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return outputs["logits"].pow(2).mean()
+
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=2, save_strategy="no"),
+                                train_dataset=train, compute_loss_func=loss_func)
+    assert trainer.train().global_step == 2
+
+
+def test_eval_strategy_without_eval_dataset(tmp_path):
+    with pytest.raises(ValueError, match="eval_strategy='epoch' needs an eval_dataset"):
+        looptrain.Trainer(tiny_bert(), _args(tmp_path, eval_strategy="epoch"), train_dataset=random_token_dataset(8, 0))
+
+
+def test_collator_needs_a_removed_column(tmp_path):
+    """A collator that reads the raw text column: remove_unused_columns dropped it before collation."""
+
+    def collate_from_text(features):
+        ids = [[5 + len(word) for word in f["text"].split()] + [0] * 4 for f in features]
+        width = min(len(i) for i in ids)
+        return {"input_ids": torch.tensor([i[:width] for i in ids]), "labels": torch.tensor([f["label"] for f in features])}
+
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=1), train_dataset=random_token_dataset(8, 0),
+                                data_collator=collate_from_text)
+    with pytest.raises(KeyError, match="'text'.*remove_unused_columns=False"):
+        trainer.train()
+    ok = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=1, remove_unused_columns=False, save_strategy="no"),
+                           train_dataset=random_token_dataset(8, 0).remove_columns(["input_ids", "attention_mask", "idx"]),
+                           data_collator=collate_from_text)
+    assert ok.train().global_step == 1
+
+
+def test_label_names_missing_from_eval_batch(tmp_path):
+    """Trainer silently returns no metric when the labels are not in the batch; looptrain says why."""
+    evals = random_token_dataset(8, 1).rename_column("label", "target")
+    hf = transformers.Trainer(tiny_bert(), transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True),
+                              eval_dataset=evals, compute_metrics=accuracy)
+    assert "eval_accuracy" not in hf.evaluate()  # the silent failure
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), eval_dataset=evals, compute_metrics=accuracy)
+    with pytest.raises(ValueError, match=r"no \['labels'\].*label_names"):
+        trainer.evaluate()
+
+
+def test_explicit_label_names_that_are_absent(tmp_path):
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, label_names=["target"]),
+                                eval_dataset=random_token_dataset(8, 1), compute_metrics=accuracy)
+    with pytest.raises(ValueError, match=r"no \['target'\]"):
+        trainer.evaluate()
+
+
+@pytest.mark.parametrize("which", ["train_dataset", "eval_dataset"])
+def test_empty_dataset(tmp_path, which):
+    empty = random_token_dataset(8, 0).select([])
+    with pytest.raises(ValueError, match=f"{which} is empty"):
+        looptrain.Trainer(tiny_bert(), _args(tmp_path), **{which: empty})
+
+
+def test_train_without_train_dataset(tmp_path):
+    with pytest.raises(ValueError, match="needs a train_dataset"):
+        looptrain.Trainer(tiny_bert(), _args(tmp_path)).train()
+
+
+def test_no_model(tmp_path):
+    with pytest.raises(RuntimeError, match="model or a model_init"):
+        looptrain.Trainer(args=_args(tmp_path))
+
+
+def test_no_column_matches_the_model(tmp_path):
+    train = Dataset.from_dict({"sentence": ["a b", "c d"], "label": [0, 1]}).remove_columns(["label"])
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=train,
+                                compute_loss_func=lambda o, l, num_items_in_batch=None: o["logits"].sum())
+    with pytest.raises(ValueError, match="No column.*remove_unused_columns"):
+        trainer.train()
+
+
+def test_iterable_dataset_needs_max_steps(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            rng = np.random.default_rng(0)
+            while True:
+                yield {"input_ids": torch.tensor(rng.integers(5, 100, 8)), "labels": torch.tensor(1)}
+
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=Stream())
+    with pytest.raises(ValueError, match="max_steps"):
+        trainer.train()
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=3, save_strategy="no"), train_dataset=Stream())
+    assert trainer.train().global_step == 3
