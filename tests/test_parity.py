@@ -316,3 +316,45 @@ def test_early_stopping_callback_runs_unchanged(tmp_path):
     hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=kwargs)
     assert_parity(hf, lt)
     assert lt[0].state.best_model_checkpoint is not None
+
+
+# ------------------------------------------------------------------ a subclass written for Trainer
+class ClassWeightedLoss:
+    """The usual Trainer recipe for class-weighted cross-entropy; the body is written once for both libraries."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weights = torch.tensor([1.0, 3.0], device=outputs.logits.device)
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+class WeightedHF(ClassWeightedLoss, transformers.Trainer):
+    pass
+
+
+class WeightedLT(ClassWeightedLoss, looptrain.Trainer):
+    pass
+
+
+def test_subclass_overriding_compute_loss(tmp_path):
+    args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch"}
+    hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=dict(compute_metrics=accuracy),
+                      hf_trainer_cls=WeightedHF, lt_trainer_cls=WeightedLT)
+    assert_parity(hf, lt)
+
+
+def test_train_twice_and_evaluate_before_training(tmp_path):
+    """evaluate() before train() prepares the model (and adds model_preparation_time); train() may run twice."""
+    results = []
+    for trainer_cls, args_cls, sub in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
+                                       (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
+        args = args_cls(output_dir=str(tmp_path / sub), use_cpu=True, report_to="none", disable_tqdm=True,
+                        logging_steps=1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no")
+        trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
+        trainer.evaluate()
+        trainer.train()
+        trainer.train()
+        results.append((trainer, None))
+    assert_parity(*results)
