@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
+    DistributedType,
     GradientAccumulationPlugin,
     TorchDynamoPlugin,
 )
@@ -108,6 +109,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         logging.set_verbosity(args.get_process_log_level())
 
         # --- the accelerator: devices, processes, mixed precision, compilation
+        self.model = model  # Trainer: create_accelerator reads the model (DDP's find_unused_parameters)
         self.accelerator = self.create_accelerator()
 
         # --- the model
@@ -182,7 +184,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         remainder window and loss-kwargs models are normalised Trainer's way.
         """
         args = self.args
-        find_unused = True if args.ddp_find_unused_parameters is None else args.ddp_find_unused_parameters
+        find_unused = args.ddp_find_unused_parameters
+        if find_unused is None:
+            # Trainer: DDP's unused-parameter search breaks activation checkpointing, so it is off for a
+            # transformers model that checkpoints, and on otherwise.
+            find_unused = not getattr(getattr(self, "model", None), "is_activation_checkpointing", False)
         return Accelerator(
             cpu=args.use_cpu,
             mixed_precision=args.mixed_precision,
@@ -279,6 +285,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         # Trainer: model and optimizer go through accelerate.prepare; the scheduler does not.
         model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model_wrapped = model
+        if getattr(self.accelerator.state, "fsdp_plugin", None) is not None:
+            self.model = model  # Trainer: under FSDP the sharded wrapper is the model (evaluation runs it too)
         self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
@@ -341,8 +349,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                     self.accelerator.gradient_state._set_sync_gradients(sync_step)
                     if step % GA == 0:
                         self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                    # Under DDP only the window's last micro-batch all-reduces gradients.
-                    no_sync = i != len(batch_samples) - 1
+                    # Under DDP only the window's last micro-batch all-reduces gradients. Trainer: DeepSpeed
+                    # marks the accumulation boundary itself (from sync_gradients), so no no_sync there.
+                    no_sync = i != len(batch_samples) - 1 and self.accelerator.distributed_type != DistributedType.DEEPSPEED
                     with self.accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
                         tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
                     if args.logging_nan_inf_filter:
@@ -472,7 +481,9 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             ) or self.compute_loss_func is not None
         if not loss_is_scaled_for_ga:
             loss = loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)  # mixed-precision scaling happens in accelerate
+        # Trainer: the loss is already normalised for accumulation, so DeepSpeed must not divide it again.
+        kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        self.accelerator.backward(loss, **kwargs)  # mixed-precision scaling happens in accelerate
         return loss.detach()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
