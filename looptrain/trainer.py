@@ -51,7 +51,7 @@ from transformers.utils.generic import can_return_loss, find_labels
 
 from . import data as data_utils
 from . import optim as optim_utils
-from .checkpoint import CheckpointMixin
+from .checkpoint import CheckpointMixin, preemptible
 from .evaluation import EvaluationMixin
 from .training_args import TrainingArguments
 
@@ -228,6 +228,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             )
 
     # ============================================================================================ train
+    @preemptible  # while training, SIGTERM saves a checkpoint at the next step and returns (checkpoint.py)
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None) -> TrainOutput:
         """Train the model; return `TrainOutput(global_step, training_loss, metrics)` as Trainer does."""
         args = self.args
@@ -275,7 +276,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         epochs_trained, steps_trained_in_current_epoch = 0, 0
         if resume_from_checkpoint is not None:
             epochs_trained, steps_trained_in_current_epoch = self._load_trainer_state(
-                resume_from_checkpoint, num_update_steps_per_epoch
+                resume_from_checkpoint, num_update_steps_per_epoch, max_steps
             )
         self.state.max_steps, self.state.num_train_epochs = max_steps, num_train_epochs
         self.state.is_local_process_zero = self.is_local_process_zero()
@@ -309,10 +310,30 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self._globalstep_last_logged = self.state.global_step
         self._flops_per_token = None
         grad_norm = learning_rate = None
+        if resume_from_checkpoint is not None:  # looptrain: the loss summed since the last log, the last norm and lr
+            grad_norm, learning_rate = self._restore_loop_state(resume_from_checkpoint)
         model.zero_grad()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        if args.eval_on_start:  # Trainer: before epoch 0, logged at epoch 0, step 0 (costs one RNG draw)
+        # Trainer: before epoch 0, logged at epoch 0, step 0 (costs one RNG draw). Trainer evaluates again
+        # when it resumes, one draw the uninterrupted run did not take; looptrain does not.
+        if args.eval_on_start and resume_from_checkpoint is None:
             self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
+
+        # looptrain, not Trainer (semantics doc section 0, item 8): a checkpoint written after the step that
+        # ended an epoch precedes that epoch's end (its evaluation, one RNG draw, its logs). Trainer skips it on
+        # resume; here it runs first, from the checkpoint's RNG, as it ran in the uninterrupted run.
+        replay = self._epoch_end_to_replay if resume_from_checkpoint is not None else None
+        if replay is not None:
+            self._start_epoch_end_replay(resume_from_checkpoint)
+            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+            self._saving_at = "epoch_end"
+            self._maybe_log_save_evaluate(
+                self._tr_loss, grad_norm, model, trial, replay.epoch, ignore_keys_for_eval, start_time,
+                learning_rate=learning_rate,
+            )
+            self._saving_at = "step_end"
+            if self.control.should_training_stop:
+                epochs_trained = num_train_epochs
 
         for epoch in range(epochs_trained, num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
@@ -326,7 +347,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                     step = steps_trained_in_current_epoch - 1
                     first_window = steps_trained_in_current_epoch // GA
                     restore_rng_after_first_window = True
-                else:
+                elif replay is None:  # (after a replayed epoch end, the RNG already continues from the checkpoint)
                     self._load_rng_state(resume_from_checkpoint)
             if hasattr(epoch_dataloader, "set_epoch"):
                 epoch_dataloader.set_epoch(epoch)
@@ -380,10 +401,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                         self.state.global_step += 1
                         self.state.epoch = epoch + (step + 1) / steps_in_epoch
                         self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                        if self._preemption_requested():  # SIGTERM: save at this step boundary, then stop
+                            self.control.should_save = self._preempted = True
                         self._maybe_log_save_evaluate(
                             self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                             learning_rate=learning_rate,
                         )
+                        if self._preempted:  # set after the save, so the checkpoint does not say "stopped"
+                            self.control.should_training_stop = True
                     if self.control.should_epoch_stop or self.control.should_training_stop:
                         break
                 if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -392,12 +417,16 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if step < 0:
                 logger.warning(f"The epoch yielded no batch; stopping at step {self.state.global_step}.")
                 self.control.should_training_stop = True
+            if self._preempted:  # the checkpoint is written; this epoch's end is the resumed run's to do
+                break
             # Trainer: epoch-end log/eval/save also runs when max_steps stopped the epoch early.
             self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+            self._saving_at = "epoch_end"  # a checkpoint saved now has nothing of this epoch left to do
             self._maybe_log_save_evaluate(
                 self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                 learning_rate=learning_rate,
             )
+            self._saving_at = "step_end"
             if self.control.should_training_stop:
                 break
 
@@ -419,7 +448,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
         self.log(metrics)
-        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None and not self._preempted:
             self._load_best_model()
         self._delete_non_best_checkpoints()
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
@@ -608,6 +637,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 self.control.should_save = is_new_best
 
         if self.control.should_save:
+            self._last_step_logs = (grad_norm, learning_rate)  # looptrain_state.json keeps them (exact resume)
             self._save_checkpoint(model, trial)
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
@@ -711,7 +741,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 "gradients and the logged loss are up to gradient_accumulation_steps times too large. Set "
                 "`loss_is_scaled_for_ga = False` on a Trainer subclass for the mathematically correct average.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of train() (past the `preemptible` wrapper)
             )
 
     # ============================================================================================ callbacks
