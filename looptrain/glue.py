@@ -488,7 +488,10 @@ def plot_history(log_history: list[dict], path: str, title: str = "", baseline: 
         pts = [(e["step"], e["eval_loss"]) for e in evals if "eval_loss" in e]
         ax.plot(*zip(*pts), "o-", label="eval loss", color="tab:orange")
     ax.set_ylabel("loss")
-    ax.legend(loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "nothing logged yet (raise max_steps or lower logging_steps)", ha="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     ax = axes[1]
     lrs = [(e["step"], e["learning_rate"]) for e in train if "learning_rate" in e]
@@ -506,6 +509,7 @@ def plot_history(log_history: list[dict], path: str, title: str = "", baseline: 
             ax.annotate(f"{last_value:.3f}", (last_step, last_value), textcoords="offset points", xytext=(-10, 6), fontsize=8)
         if baseline is not None:
             ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
+        ax.margins(y=0.15)  # room for the value labels
         ax.set_ylabel("eval metrics")
         ax.legend(loc="best")
         ax.grid(alpha=0.3)
