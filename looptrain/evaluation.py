@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
-from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_detach
+from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_concat, nested_detach, nested_numpify
 from transformers.trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
@@ -123,7 +124,7 @@ class EvaluationMixin:
         self.callback_handler.eval_dataloader = dataloader
         batch_size = args.eval_batch_size
 
-        containers = [EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100) for _ in range(4)]
+        containers = [BatchListContainer(args.eval_do_concat_batches, padding_index=-100) for _ in range(4)]
         all_losses, all_preds, all_labels, all_inputs = containers
         keep_predictions = not args.batch_eval_metrics or description == "Prediction"
         metrics, observed = None, 0
@@ -254,3 +255,102 @@ class EvaluationMixin:
         if len(logits) == 1:
             logits = logits[0]
         return loss, logits, labels
+
+
+class BatchListContainer(EvalLoopContainer):
+    """transformers' `EvalLoopContainer` (what Trainer keeps predictions in), with the same results built in one pass.
+
+    Performance (issue 6): Trainer concatenates each batch onto everything before it (`nested_concat`), so every
+    batch copies all earlier predictions again (quadratic time) and the last one needs twice the final size.
+    Here the batches are listed, and concatenated once when the arrays are read (`concat_batches`): the same
+    arrays (padding, dtype, nesting), in linear time, at about the final size in memory.
+    """
+
+    def add(self, tensors) -> None:
+        if not self.do_nested_concat:
+            return super().add(tensors)
+        if self.tensors is None:
+            self.tensors = []
+        self.tensors.append(tensors)
+
+    def to_cpu_and_numpy(self) -> None:
+        if not self.do_nested_concat:
+            return super().to_cpu_and_numpy()
+        if self.tensors is None:
+            return
+        # Trainer: what was concatenated so far goes to the host, then joins the arrays moved before it.
+        blocks = getattr(self, "_blocks", [])
+        blocks.append(nested_numpify(concat_batches(self.tensors, self.padding_index)))
+        self._blocks, self.tensors = blocks, None
+
+    def get_arrays(self):
+        if not self.do_nested_concat:
+            return super().get_arrays()
+        self.to_cpu_and_numpy()
+        if getattr(self, "_blocks", None):
+            self.arrays = concat_batches(self._blocks, self.padding_index)
+        return self.arrays
+
+
+def concat_batches(batches: list, padding_index: int = -100):
+    """What `nested_concat` applied batch after batch returns, computed at once; `batches` is emptied.
+
+    Tensors (or arrays) of one dtype are copied into one pre-allocated result, each batch released as soon as
+    it is copied; rows shorter than the longest are padded with `padding_index` after their own length, as
+    `torch_pad_and_concatenate` pads them. Lists, tuples and dicts are handled position by position; anything
+    else (mixed dtypes or structures) falls back to Trainer's pairwise concatenation.
+    """
+    if len(batches) == 1:
+        return batches.pop()  # Trainer: a single batch is kept as it came
+    first = batches[0]
+    same_type = all(type(b) is type(first) for b in batches)
+    if same_type and isinstance(first, (list, tuple)) and all(len(b) == len(first) for b in batches):
+        columns = [[b[i] for b in batches] for i in range(len(first))]
+        batches.clear()
+        return type(first)(concat_batches(column, padding_index) for column in columns)
+    if same_type and isinstance(first, Mapping) and all(b.keys() == first.keys() for b in batches):
+        columns = {key: [b[key] for b in batches] for key in first}
+        batches.clear()
+        return type(first)({key: concat_batches(column, padding_index) for key, column in columns.items()})
+    if isinstance(first, (torch.Tensor, np.ndarray)):
+        result = _fill_concatenated(batches, padding_index)
+        if result is not None:
+            return result
+    result = batches[0]
+    for batch in batches[1:]:
+        result = nested_concat(result, batch, padding_index=padding_index)
+    batches.clear()
+    return result
+
+
+def _fill_concatenated(batches: list, padding_index: int):
+    """One result for tensors (or arrays) of one type, dtype, device and trailing shape; None otherwise."""
+    is_tensor = isinstance(batches[0], torch.Tensor)
+    parts = [torch.atleast_1d(b) if is_tensor else np.atleast_1d(b) for b in batches]
+    first = parts[0]
+    if any(
+        isinstance(p, torch.Tensor) != is_tensor
+        or p.dtype != first.dtype
+        or p.ndim != first.ndim
+        or tuple(p.shape[2:]) != tuple(first.shape[2:])
+        or (is_tensor and p.device != first.device)
+        for p in parts
+    ):
+        return None
+    rows = sum(p.shape[0] for p in parts)
+    width = max(p.shape[1] for p in parts) if first.ndim > 1 else None
+    shape = (rows,) if width is None else (rows, width, *first.shape[2:])
+    result = torch.empty(shape, dtype=first.dtype, device=first.device) if is_tensor else np.empty(shape, first.dtype)
+    batches.clear()  # from here `parts` holds the only references: each batch is freed once copied
+    row = 0
+    for i in range(len(parts)):
+        part, parts[i] = parts[i], None
+        n = part.shape[0]
+        if width is None or part.shape[1] == width:
+            result[row : row + n] = part
+        else:
+            result[row : row + n, : part.shape[1]] = part
+            result[row : row + n, part.shape[1] :] = padding_index
+        row += n
+        del part
+    return result
