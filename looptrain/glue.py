@@ -188,7 +188,8 @@ def _numbers_if_possible(values: list) -> list:
 
 
 # ================================================================================================ columns and labels
-def text_columns(columns: dict[str, list], task: Task | None, override: str | None, path: str) -> tuple[str, ...]:
+def text_columns(columns: dict[str, list], task: Task | None, override: str | None, path: str,
+                 label_column: str = "label") -> tuple[str, ...]:
     """The one or two text columns: given, the task's, or (like run_glue.py) sentence1/sentence2, else the
     first one or two columns that are not the label or an index."""
     if override:
@@ -202,7 +203,7 @@ def text_columns(columns: dict[str, list], task: Task | None, override: str | No
     elif "sentence" in columns:
         names = ("sentence",)
     else:
-        names = tuple(n for n in columns if n not in ("label", "idx", "id"))[:2]
+        names = tuple(n for n in columns if n not in (label_column, "label", "idx", "id"))[:2]
     missing = [n for n in names if n not in columns]
     if missing or not names:
         raise JobError(

@@ -267,7 +267,7 @@ def run(argv, trainer_cls, training_args_cls):
             raise JobError(f"{paths[split]}: no label column {label_col!r} - it has {', '.join(table)}. Name it with --label_column_name.")
     is_regression, label_list = glue.label_setup(tables[first][label_col], task, paths[first])
     num_labels = 1 if is_regression else len(label_list)
-    text_cols = {split: glue.text_columns(table, task, data_args.text_column_names, paths[split]) for split, table in tables.items()}
+    text_cols = {split: glue.text_columns(table, task, data_args.text_column_names, paths[split], label_col) for split, table in tables.items()}
     for split, table in tables.items():
         if label_col in table:
             table[label_col] = glue.encode_labels(table[label_col], is_regression, label_list, task, label_col,
