@@ -511,6 +511,12 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             ) or self.compute_loss_func is not None
         if not loss_is_scaled_for_ga:
             loss = loss / self.current_gradient_accumulation_steps
+        if self._accelerate_only_forwards() and self.accelerator.gradient_accumulation_steps == 1:
+            # Performance (issue 6): accelerate's backward would divide the loss by its accumulation steps, pinned
+            # to 1 (which changes no bit, forward or backward), then call this; the division and its backward node
+            # are skipped.
+            loss.backward()
+            return loss.detach()
         # Trainer: the loss is already normalised for accumulation, so DeepSpeed must not divide it again.
         kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         self.accelerator.backward(loss, **kwargs)  # mixed-precision scaling happens in accelerate

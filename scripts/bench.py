@@ -658,6 +658,25 @@ def machine() -> str:
             f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, Python {platform.python_version()}")
 
 
+def profile(contender: str, cfg: dict) -> int:
+    """Where a contender's time goes in item 1: pyinstrument's call tree, the model's own frames folded away."""
+    try:
+        from pyinstrument import Profiler
+        from pyinstrument.renderers import ConsoleRenderer
+    except ImportError:
+        raise SystemExit("--profile needs pyinstrument: pip install pyinstrument") from None
+    set_threads(cfg["threads"])
+    profiler = Profiler(interval=0.0002)
+    profiler.start()
+    result = worker_overhead(contender, cfg)
+    profiler.stop()
+    hide = r".*(modeling_bert|torch/nn/modules|transformers/utils/generic|deprecation|output_capturing|masking_utils).*"
+    print(profiler.output(ConsoleRenderer(unicode=False, color=False, processor_options={"filter_threshold": 0.002,
+                                                                                         "hide_regex": hide})))
+    print(f"{contender}: {result['ms_per_step']:.3f} CPU ms per step under the profiler")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that every path works")
@@ -671,6 +690,8 @@ def main(argv=None) -> int:
                         help="start no new round after this many seconds, once 3 rounds are done (default 240 with --gpu)")
     parser.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with MRPC's train.tsv and dev.tsv")
     parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
+    parser.add_argument("--profile", choices=("bare", "looptrain", "trainer"), default=None,
+                        help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -686,6 +707,8 @@ def main(argv=None) -> int:
 
     threads = opts.threads if opts.threads is not None else (0 if opts.gpu else 1)
     cfg = dict(QUICK if opts.quick else FULL, threads=threads, glue_dir=opts.glue_dir, quick=opts.quick)
+    if opts.profile:
+        return profile(opts.profile, cfg)
     budget = opts.budget_s if opts.budget_s is not None else (240.0 if opts.gpu and not opts.quick else None)
     sections = ["gpu"] if opts.gpu else (opts.sections.split(",") if opts.sections else list(SECTIONS))
     unknown = [s for s in sections if s not in CONTENDERS]
