@@ -149,6 +149,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._signature_columns = None
+        self._created_lr_scheduler = False
         self._train_batch_size = args.train_batch_size
         self._validate_setup()
 
@@ -234,6 +235,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         """Train the model; return `TrainOutput(global_step, training_loss, metrics)` as Trainer does."""
         args = self.args
         self.is_in_train = True
+        self.accelerator.free_memory()  # Trainer: forget what an earlier train()/evaluate() prepared
         if self.model_init is not None:  # Trainer: re-seed and rebuild the model on every train()
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             self.model = self.model_wrapped = self.call_model_init(trial).to(args.device)
@@ -283,6 +285,8 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
 
+        if self._created_lr_scheduler:  # Trainer: a schedule built by an earlier train() restarts
+            self.lr_scheduler, self._created_lr_scheduler = None, False
         self.create_optimizer()
         # Trainer: model and optimizer go through accelerate.prepare; the scheduler does not.
         model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -771,6 +775,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         """The LR schedule over `num_training_steps` optimizer steps, unless one was passed in."""
         if self.lr_scheduler is None:
             self.lr_scheduler = optim_utils.build_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+            self._created_lr_scheduler = True
         return self.lr_scheduler
 
     def call_model_init(self, trial=None) -> nn.Module:
