@@ -39,6 +39,7 @@ def signature_columns(model, label_names: list[str]) -> list[str]:
 
 
 def has_length(dataset) -> bool:
+    """Whether `len(dataset)` works (an IterableDataset or a generator has no length)."""
     try:
         return len(dataset) is not None
     except TypeError:

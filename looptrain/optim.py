@@ -23,6 +23,7 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainer's two groups: [decayed parameters, the rest with weight_decay 0], trainable ones only."""
     decay = set(decay_parameter_names(model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [

@@ -287,18 +287,22 @@ class TrainingArguments:
 
     @property
     def world_size(self) -> int:
+        """Number of processes (1 unless launched with accelerate launch / torchrun)."""
         return self.distributed_state.num_processes
 
     @property
     def process_index(self) -> int:
+        """This process's rank among all processes."""
         return self.distributed_state.process_index
 
     @property
     def local_process_index(self) -> int:
+        """This process's rank on its machine."""
         return self.distributed_state.local_process_index
 
     @property
     def should_log(self) -> bool:
+        """Whether this process logs (the first process of each machine, as transformers' default)."""
         return self.local_process_index == 0
 
     @property
@@ -308,6 +312,7 @@ class TrainingArguments:
 
     @property
     def parallel_mode(self):
+        """transformers' `ParallelMode`: NOT_PARALLEL on one process, DISTRIBUTED on several."""
         from transformers.training_args import ParallelMode
 
         if self.distributed_state.distributed_type.value == "NO":
@@ -316,10 +321,12 @@ class TrainingArguments:
 
     @property
     def train_batch_size(self) -> int:
+        """Training batch size of this process (per_device_train_batch_size; there is no DataParallel)."""
         return self.per_device_train_batch_size
 
     @property
     def eval_batch_size(self) -> int:
+        """Evaluation batch size of this process."""
         return self.per_device_eval_batch_size
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
@@ -329,6 +336,7 @@ class TrainingArguments:
         return math.ceil(num_training_steps * self.warmup_steps)
 
     def get_process_log_level(self) -> int:
+        """The transformers log level for this process (log_level on the main one, log_level_replica elsewhere)."""
         from transformers.utils import logging as hf_logging
 
         levels = {**hf_logging.log_levels, "passive": -1}
@@ -337,13 +345,16 @@ class TrainingArguments:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values (enums as strings), as transformers' `to_dict`."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in d.items()}
 
     def to_json_string(self) -> str:
+        """`to_dict()` as indented JSON; checkpoints store it as training_args.json."""
         return json.dumps(self.to_dict(), indent=2)
 
     def to_sanitized_dict(self) -> dict[str, Any]:
+        """Scalars only, for reporting integrations' hyper-parameter tables (as transformers)."""
         d = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
         return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
 
