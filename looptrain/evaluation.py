@@ -42,6 +42,7 @@ class EvaluationMixin:
         return data_utils.build_dataloader(self, eval_dataset, self.args.eval_batch_size, sampler, False, "evaluation")
 
     def get_test_dataloader(self, test_dataset):
+        """A new sequential DataLoader over `test_dataset`, prepared by accelerate (used by `predict`)."""
         sampler = self._get_eval_sampler(test_dataset)
         return data_utils.build_dataloader(self, test_dataset, self.args.eval_batch_size, sampler, False, "test")
 
@@ -267,6 +268,7 @@ class BatchListContainer(EvalLoopContainer):
     """
 
     def add(self, tensors) -> None:
+        """Keep one batch of (nested) tensors."""
         if not self.do_nested_concat:
             return super().add(tensors)
         if self.tensors is None:
@@ -274,6 +276,7 @@ class BatchListContainer(EvalLoopContainer):
         self.tensors.append(tensors)
 
     def to_cpu_and_numpy(self) -> None:
+        """Concatenate what is kept so far and move it to host memory (eval_accumulation_steps)."""
         if not self.do_nested_concat:
             return super().to_cpu_and_numpy()
         if self.tensors is None:
@@ -284,6 +287,7 @@ class BatchListContainer(EvalLoopContainer):
         self._blocks, self.tensors = blocks, None
 
     def get_arrays(self):
+        """Everything kept, as the numpy arrays Trainer's container returns."""
         if not self.do_nested_concat:
             return super().get_arrays()
         self.to_cpu_and_numpy()

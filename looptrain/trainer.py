@@ -569,6 +569,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         return contextlib.nullcontext()
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """Trainer's autocast hook; a no-op, since accelerate wraps forward in autocast itself."""
         return contextlib.nullcontext()
 
     def _prepare_input(self, data):
@@ -747,12 +748,14 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         return self._signature_columns
 
     def num_examples(self, dataloader) -> int:
+        """Examples in the dataloader's dataset (estimated from its length when the dataset has none)."""
         try:
             return len(dataloader.dataset)
         except (NameError, AttributeError, TypeError):
             return len(dataloader) * self.args.per_device_train_batch_size
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
+        """Build both, as Trainer's hook of the same name; `train()` calls the two halves itself."""
         self.create_optimizer()
         self.create_scheduler(num_training_steps=num_training_steps)
 
@@ -770,9 +773,11 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, dict]:
+        """(optimizer class, keyword arguments) for `args.optim`: AdamW, fused or not."""
         return optim_utils.optimizer_cls_and_kwargs(args)
 
     def get_decay_parameter_names(self, model) -> list[str]:
+        """Names of the parameters that get weight decay (not biases, not normalisation weights)."""
         return optim_utils.decay_parameter_names(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -783,6 +788,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         return self.lr_scheduler
 
     def call_model_init(self, trial=None) -> nn.Module:
+        """Build a model with `model_init` (with the trial when it takes one), as Trainer does."""
         params = len(inspect.signature(self.model_init).parameters)
         model = self.model_init() if params == 0 else self.model_init(trial)
         if model is None:
@@ -811,21 +817,26 @@ class Trainer(CheckpointMixin, EvaluationMixin):
 
     # ============================================================================================ callbacks
     def add_callback(self, callback):
+        """Add a `TrainerCallback` instance or class; it runs after the ones already there."""
         self.callback_handler.add_callback(callback)
 
     def pop_callback(self, callback):
+        """Remove a callback (instance or class) and return it."""
         return self.callback_handler.pop_callback(callback)
 
     def remove_callback(self, callback):
+        """Remove a callback (instance or class)."""
         self.callback_handler.remove_callback(callback)
 
     def _stateful_callbacks(self) -> list:
         return [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
 
     def is_local_process_zero(self) -> bool:
+        """Whether this is the first process on its machine."""
         return self.args.local_process_index == 0
 
     def is_world_process_zero(self) -> bool:
+        """Whether this is the main process (the one that writes files)."""
         return self.args.process_index == 0
 
 
