@@ -555,6 +555,11 @@ def spread(runs: list[dict], key: str, fmt: str) -> str:
     return f"{format(min(values), fmt)}-{format(max(values), fmt)}" if len(values) > 1 else "-"
 
 
+def paired(runs_a: list[dict], runs_b: list[dict], key: str) -> str:
+    """a / b round by round (the two ran back to back in each round)."""
+    return ", ".join(f"{a[key] / b[key]:.3f}" for a, b in zip(runs_a, runs_b))
+
+
 def verdict(ok: bool) -> str:
     return "**yes**" if ok else "no"
 
@@ -577,7 +582,9 @@ def table(results: dict, cfg: dict, rounds: dict) -> str:
         rows.append(f"| 1. final weights, looptrain vs Trainer | | | | {'bit-identical' if same else 'DIFFERENT'} | identical | "
                     f"{verdict(same)} |")
         notes.append("overhead CPU ms/step, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'ms_per_step', '.3f')}" for c in res))
+            f"{LABELS[c]} {spread(res[c], 'ms_per_step', '.3f')}" for c in res)
+            + f"; per round, looptrain / bare: {paired(res['looptrain'], res['bare'], 'ms_per_step')}; "
+            f"looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'ms_per_step')}")
     if "real" in results:
         res = results["real"]
         l, t = med(res["looptrain"], "cpu_s"), med(res["trainer"], "cpu_s")
@@ -596,7 +603,8 @@ def table(results: dict, cfg: dict, rounds: dict) -> str:
                     f"{'equal (bit for bit)' if equal else 'DIFFERENT'}; weights {'bit-identical' if same else 'DIFFERENT'} | "
                     f"equal | {verdict(equal)} |")
         notes.append("real-run CPU s, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.1f')}" for c in res))
+            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.1f')}" for c in res)
+            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}")
     if "startup" in results:
         res = results["startup"]
         b, l, t = (med(res[c], "cpu_s") for c in ("bare", "looptrain", "trainer"))
@@ -605,7 +613,8 @@ def table(results: dict, cfg: dict, rounds: dict) -> str:
                     f"{b:.2f} ({bw:.2f}) | {l:.2f} ({lw:.2f}) | {t:.2f} ({tw:.2f}) | looptrain / Trainer **{l / t:.3f}** "
                     f"(wall {lw / tw:.3f}; looptrain / bare {l / b:.2f}) | <= 0.60 | {verdict(l / t <= 0.60)} |")
         notes.append("time to first step, CPU s, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.2f')}" for c in res))
+            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.2f')}" for c in res)
+            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}")
     if "evalmem" in results:
         res = results["evalmem"]
         peak = {c: med(res[c], "peak_rss_mb") for c in res}
@@ -690,6 +699,8 @@ def main(argv=None) -> int:
                         help="start no new round after this many seconds, once 3 rounds are done (default 240 with --gpu)")
     parser.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with MRPC's train.tsv and dev.tsv")
     parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="print the table of measurements saved earlier with --json, measuring nothing")
     parser.add_argument("--profile", choices=("bare", "looptrain", "trainer"), default=None,
                         help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -709,6 +720,12 @@ def main(argv=None) -> int:
     cfg = dict(QUICK if opts.quick else FULL, threads=threads, glue_dir=opts.glue_dir, quick=opts.quick)
     if opts.profile:
         return profile(opts.profile, cfg)
+    if opts.from_json:
+        with open(opts.from_json) as f:
+            saved = json.load(f)
+        print(saved["header"] + f"(table re-rendered from {opts.from_json})\n")
+        print(table(saved["results"], saved["config"], saved["rounds"]))
+        return 0
     budget = opts.budget_s if opts.budget_s is not None else (240.0 if opts.gpu and not opts.quick else None)
     sections = ["gpu"] if opts.gpu else (opts.sections.split(",") if opts.sections else list(SECTIONS))
     unknown = [s for s in sections if s not in CONTENDERS]
@@ -740,7 +757,7 @@ def main(argv=None) -> int:
     print(table(results, cfg, per_section))
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump({"config": cfg, "rounds": per_section, "results": results}, f, indent=1)
+            json.dump({"header": header, "config": cfg, "rounds": per_section, "results": results}, f, indent=1)
     return 0
 
 
