@@ -599,23 +599,20 @@ def _remove_debris(output_dir: str) -> None:
 
 
 def _fsync_tree(path: str) -> None:
+    """Flush every file of a checkpoint, then its folders, before the rename makes it visible."""
     for root, _, files in os.walk(path):
         for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
+            _fsync_path(os.path.join(root, name))
+        _fsync_path(root)
 
 
 def _fsync_dir(path: str) -> None:
-    """Flush a folder's entries (the rename) to disk; a no-op where the platform does not allow it."""
+    """Flush a folder's entries (the rename) to disk."""
+    _fsync_path(path)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync one file or folder; a no-op where the platform does not allow it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -334,13 +334,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         replay = self._epoch_end_to_replay if resume_from_checkpoint is not None else None
         if replay is not None:
             self._start_epoch_end_replay(resume_from_checkpoint)
-            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-            self._saving_at = "epoch_end"
-            self._maybe_log_save_evaluate(
-                self._tr_loss, grad_norm, model, trial, replay.epoch, ignore_keys_for_eval, start_time,
-                learning_rate=learning_rate,
-            )
-            self._saving_at = "step_end"
+            self._epoch_end(model, trial, replay.epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate)
             if self.control.should_training_stop:
                 epochs_trained = num_train_epochs
 
@@ -429,18 +423,25 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if self._preempted:  # the checkpoint is written; this epoch's end is the resumed run's to do
                 break
             # Trainer: epoch-end log/eval/save also runs when max_steps stopped the epoch early.
-            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-            self._saving_at = "epoch_end"  # a checkpoint saved now has nothing of this epoch left to do
-            self._maybe_log_save_evaluate(
-                self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
-                learning_rate=learning_rate,
-            )
-            self._saving_at = "step_end"
+            self._epoch_end(model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate)
             if self.control.should_training_stop:
                 break
 
         # ---- 4. The summary.
         return self._finalize_training(trial, num_train_samples, start_time)
+
+    def _epoch_end(self, model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate):
+        """`on_epoch_end`, then log/evaluate/save. A checkpoint written here is marked "epoch_end" in
+        looptrain_state.json: nothing of this epoch is left for a resumed run to do."""
+        self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
+        self._saving_at = "epoch_end"
+        try:
+            self._maybe_log_save_evaluate(
+                self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                learning_rate=learning_rate,
+            )
+        finally:
+            self._saving_at = "step_end"
 
     def _finalize_training(self, trial, num_train_samples, start_time) -> TrainOutput:
         """The train summary log: Trainer's `train_loss` is the mean of the logged losses of this call."""
