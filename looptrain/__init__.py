@@ -18,13 +18,14 @@ from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOu
 
 from .checkpoint import CheckpointError
 from .trainer import Trainer
-from .training_args import TrainingArguments
+from .training_args import Seq2SeqTrainingArguments, TrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Trainer",
     "TrainingArguments",
+    "Seq2SeqTrainingArguments",
     "CheckpointError",
     "TrainerCallback",
     "TrainerControl",

@@ -9,42 +9,39 @@ Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size, nested_concat, nested_detach, nested_numpify
+from accelerate.utils.memory import should_reduce_batch_size
+from transformers.trainer_pt_utils import (
+    EvalLoopContainer,
+    IterableDatasetShard,
+    find_batch_size,
+    nested_concat,
+    nested_detach,
+    nested_numpify,
+)
 from transformers.trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
     PredictionOutput,
     denumpify_detensorize,
+    has_length,
     speed_metrics,
 )
+from transformers.utils import logging
 
-from . import data as data_utils
+from .optim import steps_on_metrics
+
+logger = logging.get_logger(__name__)
 
 
 class EvaluationMixin:
-    """`evaluate`, `predict`, `evaluation_loop` and `prediction_step`; mixed into `looptrain.Trainer`."""
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        """A new sequential DataLoader over `eval_dataset` (a name picks one of a dict of eval sets)."""
-        if eval_dataset is None and self.eval_dataset is None:
-            raise ValueError("Trainer.evaluate() needs an eval_dataset (pass one to Trainer or to evaluate()).")
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        elif eval_dataset is None:
-            eval_dataset = self.eval_dataset
-        sampler = self._get_eval_sampler(eval_dataset)
-        return data_utils.build_dataloader(self, eval_dataset, self.args.eval_batch_size, sampler, False, "evaluation")
-
-    def get_test_dataloader(self, test_dataset):
-        """A new sequential DataLoader over `test_dataset`, prepared by accelerate (used by `predict`)."""
-        sampler = self._get_eval_sampler(test_dataset)
-        return data_utils.build_dataloader(self, test_dataset, self.args.eval_batch_size, sampler, False, "test")
+    """`evaluate`, `predict`, `evaluation_loop` and `prediction_step`, as in `transformers.Trainer`."""
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate, log the metrics (adding `epoch`), fire `on_evaluate`, return them.
@@ -61,6 +58,7 @@ class EvaluationMixin:
                 )
             return metrics
 
+        self._memory_tracker.start()
         dataloader = self.get_eval_dataloader(eval_dataset)
         start_time = time.time()
         output = self.evaluation_loop(
@@ -74,15 +72,18 @@ class EvaluationMixin:
         self._add_speed_metrics(output, metric_key_prefix, start_time)
         self.log(output.metrics)  # also adds "epoch" to the returned dict, as Trainer does
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        self._memory_tracker.stop_and_update_metrics(output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Predictions (numpy), labels if the data has them, and `test_*` metrics. Nothing is logged."""
+        self._memory_tracker.start()
         dataloader = self.get_test_dataloader(test_dataset)
         start_time = time.time()
         output = self.evaluation_loop(dataloader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._add_speed_metrics(output, metric_key_prefix, start_time)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        self._memory_tracker.stop_and_update_metrics(output.metrics)
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
 
     def _add_speed_metrics(self, output, prefix, start_time):
@@ -93,15 +94,26 @@ class EvaluationMixin:
         output.metrics.update(speed_metrics(prefix, start_time, num_samples=output.num_samples, num_steps=batches))
 
     def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False) -> dict[str, float]:
-        """Evaluation during training; plateau-type schedulers step on its metric."""
-        from .trainer import _steps_on_metrics
-
-        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
-        if _steps_on_metrics(self.lr_scheduler) and not skip_scheduler:
+        """Evaluation during training: report to a hyperparameter search; plateau-type schedulers step on its metric."""
+        try:
+            metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        except RuntimeError as err:
+            # Trainer: auto_find_batch_size only lowers the training batch size; an evaluation OOM must not retry training.
+            if self.args.auto_find_batch_size and should_reduce_batch_size(err):
+                raise RuntimeError(
+                    "Evaluation ran out of memory. auto_find_batch_size only adjusts the training batch size: lower "
+                    "per_device_eval_batch_size instead."
+                ) from err
+            raise
+        self._report_to_hp_search(trial, self.state.global_step, metrics)
+        if steps_on_metrics(self.lr_scheduler) and not skip_scheduler:
             key = self.args.metric_for_best_model
             key = key if key.startswith("eval_") else f"eval_{key}"
             if key not in metrics:
-                raise KeyError(f"The scheduler steps on {key!r}, which evaluation did not return ({list(metrics)}).")
+                raise KeyError(
+                    f"The learning-rate scheduler steps on metric_for_best_model={key!r}, which the evaluation did not "
+                    f"return ({list(metrics)}). Return it from compute_metrics, or change metric_for_best_model."
+                )
             self.lr_scheduler.step(metrics[key])
         return metrics
 
@@ -111,41 +123,62 @@ class EvaluationMixin:
         """Run `prediction_step` over `dataloader`, gather across processes, compute the metrics."""
         args = self.args
         prediction_loss_only = prediction_loss_only if prediction_loss_only is not None else args.prediction_loss_only
-        model = self.model  # Trainer evaluates the unwrapped model: no DDP sync is needed under no_grad
-        if len(self.accelerator._models) == 0:
+        if self.is_deepspeed_enabled and self.deepspeed is None:  # Trainer: evaluating before any training
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(self, num_training_steps=0, inference=True)
+        model = self._wrap_model(self.model, training=False)  # no DDP needed under no_grad; DataParallel is
+        if len(self.accelerator._models) == 0 and model is self.model:
             # Trainer: evaluating before training prepares the model here, and reports how long it took.
             start = time.time()
-            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not args.torch_compile):
+                model = self.accelerator.prepare(model)
+            else:
+                model = self.accelerator.prepare_model(model, evaluation_mode=True)
             self.model_preparation_time = round(time.time() - start, 4)
+            if self.is_fsdp_enabled:
+                self.model = model
             if model is not self.model:
                 self.model_wrapped = model
-        model.eval()
-        if hasattr(self.optimizer, "eval") and callable(self.optimizer.eval):
-            self.optimizer.eval()
-        self.callback_handler.eval_dataloader = dataloader
+            if self.is_deepspeed_enabled:
+                self.deepspeed = self.model_wrapped
+        # Trainer: fp16/bf16_full_eval cast the model itself (outside training) rather than autocast.
+        if not self.is_in_train:
+            if args.fp16_full_eval:
+                model = model.to(dtype=torch.float16, device=args.device)
+            elif args.bf16_full_eval:
+                model = model.to(dtype=torch.bfloat16, device=args.device)
         batch_size = args.eval_batch_size
+        if hasattr(model, "eval") and callable(model.eval):
+            model.eval()
+        if hasattr(self.optimizer, "eval") and callable(self.optimizer.eval):
+            self.optimizer.eval()  # schedule-free optimizers evaluate their averaged weights
+        self.callback_handler.eval_dataloader = dataloader
+        eval_dataset = getattr(dataloader, "dataset", None)
 
         containers = [BatchListContainer(args.eval_do_concat_batches, padding_index=-100) for _ in range(4)]
         all_losses, all_preds, all_labels, all_inputs = containers
         keep_predictions = not args.batch_eval_metrics or description == "Prediction"
-        metrics, observed = None, 0
+        metrics, observed, labels_seen = None, 0, False
         for step, inputs in enumerate(dataloader):  # a new iterator: one global RNG draw, as in Trainer
-            if step == 0:
-                self._check_eval_batch(inputs, description, prediction_loss_only)
             observed_batch = find_batch_size(inputs)
             if observed_batch is not None:
                 observed += observed_batch
+                if batch_size is None:  # a batch sampler: the size is known only now
+                    batch_size = observed_batch
             losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
             main_input = getattr(self.model, "main_input_name", "input_ids")
             inputs_decode = self._prepare_input(inputs[main_input]) if "inputs" in args.include_for_metrics else None
+            labels_seen = labels_seen or labels is not None
 
             if losses is not None:
-                # Trainer: one loss per sample slot of the configured batch size; gather_for_metrics
-                # trims the last batch to the dataset's remainder, so eval_loss weighs batches by size.
-                losses = self.accelerator.gather_for_metrics(losses.repeat(batch_size))
+                # Trainer: one loss per sample slot of the configured batch size; gather_for_metrics trims the
+                # last batch to the dataset's remainder, so eval_loss weighs batches by size.
+                losses = self.gather_function(losses.repeat(batch_size))
                 all_losses.add(losses)
             if inputs_decode is not None:
-                inputs_decode = self.accelerator.gather_for_metrics(self.accelerator.pad_across_processes(inputs_decode, dim=1, pad_index=-100))
+                inputs_decode = self.accelerator.pad_across_processes(inputs_decode, dim=1, pad_index=-100)
+                inputs_decode = self.gather_function(inputs_decode)
                 if keep_predictions:
                     all_inputs.add(inputs_decode)
             if labels is not None:
@@ -154,18 +187,18 @@ class EvaluationMixin:
                 logits = self.accelerator.pad_across_processes(logits, dim=1, pad_index=-100)
                 if self.preprocess_logits_for_metrics is not None:
                     logits = self.preprocess_logits_for_metrics(logits, labels)
-                logits = self.accelerator.gather_for_metrics(logits)
+                logits = self.gather_function(logits)
                 if keep_predictions:
                     all_preds.add(logits)
             if labels is not None:
-                labels = self.accelerator.gather_for_metrics(labels)
+                labels = self.gather_function(labels)
                 if keep_predictions:
                     all_labels.add(labels)
             self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
 
             if args.batch_eval_metrics:
-                # Streaming metrics: compute_metrics sees one batch at a time and returns its result on
-                # the last (compute_result=True), so no prediction is kept.
+                # Streaming metrics: compute_metrics sees one batch at a time and returns its result on the last
+                # (compute_result=True), so no prediction is kept.
                 if self.compute_metrics is not None and logits is not None and labels is not None:
                     batch_kwargs = {
                         "losses": losses if "loss" in args.include_for_metrics else None,
@@ -179,10 +212,20 @@ class EvaluationMixin:
             elif args.eval_accumulation_steps is not None and (step + 1) % args.eval_accumulation_steps == 0:
                 for container in containers:  # move to host memory every N steps
                     container.to_cpu_and_numpy()
+        self.gather_function = functools.partial(self.accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object)
 
+        if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0:
+            # Trainer returns metrics without a loss here; looptrain names the cause.
+            raise ValueError(f"The {description.lower()} dataset is empty: there is nothing to evaluate.")
         all_losses, all_preds, all_labels, all_inputs = (c.get_arrays() for c in containers)
-        eval_dataset = getattr(dataloader, "dataset", None)
-        num_samples = len(eval_dataset) if data_utils.has_length(eval_dataset) else observed
+        if has_length(eval_dataset):
+            num_samples = len(eval_dataset)
+        elif isinstance(eval_dataset, IterableDatasetShard) and getattr(eval_dataset, "num_examples", 0) > 0:
+            num_samples = eval_dataset.num_examples
+        elif has_length(dataloader):
+            num_samples = self.num_examples(dataloader)
+        else:
+            num_samples = observed
         if num_samples == 0 and observed > 0:
             num_samples = observed
 
@@ -192,8 +235,19 @@ class EvaluationMixin:
                 "inputs": all_inputs if "inputs" in args.include_for_metrics else None,
             }
             metrics = self.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels, **eval_kwargs))
+            if metrics is not None and not isinstance(metrics, dict):
+                raise TypeError(
+                    f"compute_metrics returned a {type(metrics).__name__}; it must return a dict of metric names to "
+                    "numbers, such as {'accuracy': 0.9}."
+                )
         elif metrics is None:
             metrics = {}
+            if self.compute_metrics is not None and description == "Evaluation" and not prediction_loss_only and not labels_seen:
+                # Trainer calls compute_metrics only with labels, silently; looptrain says why it was not called.
+                logger.warning(
+                    f"compute_metrics was not called: the evaluation batches have no labels {self.label_names}. Add a "
+                    "'label'/'labels' column to the eval dataset, or set TrainingArguments(label_names=[...])."
+                )
         metrics = denumpify_detensorize(metrics)
         losses = np.concatenate(all_losses) if isinstance(all_losses, list) and all_losses else all_losses
         if isinstance(losses, np.ndarray):
@@ -209,21 +263,10 @@ class EvaluationMixin:
                 metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
         return EvalLoopOutput(predictions=all_preds, label_ids=all_labels, metrics=metrics, num_samples=num_samples)
 
-    def _check_eval_batch(self, inputs, description, prediction_loss_only):
-        """Trainer silently skips compute_metrics when the batch lacks a label; looptrain says so."""
-        if description != "Evaluation" or self.compute_metrics is None or prediction_loss_only or not self.label_names:
-            return
-        missing = [name for name in self.label_names if inputs.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"compute_metrics needs labels, but the evaluation batch has no {missing} (it has "
-                f"{sorted(inputs.keys())}). Add a 'label'/'labels' column to the eval dataset, or set "
-                "TrainingArguments(label_names=[...]) to the key that holds them."
-            )
-
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
         """One batch without gradients: (loss, logits, labels), each possibly None."""
         has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        # Trainer: CLIP-like models return a loss without labels when `return_loss` is on.
         return_loss = inputs.get("return_loss")
         if return_loss is None:
             return_loss = self.can_return_loss
@@ -231,6 +274,7 @@ class EvaluationMixin:
         inputs = self._prepare_inputs(inputs)
         if ignore_keys is None:
             ignore_keys = getattr(self.model.config, "keys_to_ignore_at_inference", ["cache"]) if hasattr(self.model, "config") else []
+        # the labels are read first: computing the loss may pop them (label smoothing)
         if has_labels or loss_without_labels:
             labels = nested_detach(tuple(inputs.get(name) for name in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
@@ -239,8 +283,12 @@ class EvaluationMixin:
 
         with torch.no_grad():
             if has_labels or loss_without_labels:
+                # Trainer: counted before context parallelism splits the buffers in place.
                 num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
-                with self.compute_loss_context_manager():
+                cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+                with self.compute_loss_context_manager(), cp_context():
+                    if self.args.use_liger_kernel and prediction_loss_only:
+                        inputs = {**inputs, "skip_logits": True}
                     loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
                 loss = loss.detach().mean()
                 logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"]) if isinstance(outputs, dict) else outputs[1:]

@@ -355,7 +355,8 @@ def test_looptrain_checkpoint_resumes_exactly_in_trainer(runner, reference, case
 
 # ============================================================================================ early stopping
 EARLY = dict(num_train_epochs=4, eval_strategy="steps", eval_steps=1, save_steps=1, learning_rate=3e-3,
-             load_best_model_at_end=True, metric_for_best_model="loss", save_total_limit=2)
+             load_best_model_at_end=True, metric_for_best_model="loss", save_total_limit=2,
+             restore_callback_states_from_checkpoint=True)  # Trainer restores callback state only when asked
 
 
 class Patience2(transformers.EarlyStoppingCallback):

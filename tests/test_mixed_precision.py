@@ -79,8 +79,9 @@ class HFTrainerFP16(transformers.Trainer):
 
 
 class LTTrainerFP16(looptrain.Trainer):
-    def create_accelerator(self):
-        return gpu_like_fp16(super().create_accelerator())
+    def create_accelerator_and_postprocess(self):  # Trainer's name and hook, in both libraries
+        super().create_accelerator_and_postprocess()
+        gpu_like_fp16(self.accelerator)
 
 
 FP16_ARGS = dict(REFERENCE, fp16=True, eval_strategy="no", save_steps=2)
