@@ -12,7 +12,7 @@ YAML file can hold any of them (flags given after it win), and the model/data fl
     accelerate launch --num_processes 2 --cpu scripts/train.py   # the same job on 2 processes
 
 Read top to bottom: parse the arguments, load the data, load the model, tokenize, train, evaluate,
-predict, write the results. The parts tests import live in `looptrain/glue.py` and `looptrain/embedded.py`.
+predict, write the results. The parts tests import live in `scripts/job/`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import transformers  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 import looptrain  # noqa: E402
-from looptrain import embedded, glue  # noqa: E402
-from looptrain.glue import JobError  # noqa: E402
+from job import embedded, glue  # noqa: E402  (scripts/job/, next to this file)
+from job.glue import JobError  # noqa: E402
 
 logger = logging.getLogger("train")
 

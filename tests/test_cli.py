@@ -19,11 +19,12 @@ import time
 import numpy as np
 import pytest
 
-from looptrain import embedded, glue
-from looptrain.glue import JobError
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train.py")
+sys.path.insert(0, os.path.dirname(SCRIPT))  # the job's package, scripts/job/, as scripts/train.py imports it
+
+from job import embedded, glue  # noqa: E402
+from job.glue import JobError  # noqa: E402
 MRPC = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "glue", "MRPC"))
 
 
