@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -176,40 +177,85 @@ def test_labels_by_id_or_name_and_unexpected_values():
 
 
 # ================================================================================================ metrics
-PREDS = np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 1])
-LABELS = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0])
-X = np.array([0.1, 2.5, 2.5, 4.0, 1.0, 3.3, 0.0, 5.0])
-Y = np.array([0.4, 2.0, 3.1, 3.9, 1.0, 3.0, 0.5, 4.2])
+# GLUE's definitions, checked on cases small enough to work out by hand and on each metric's identities.
+P5, L5 = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # TP 2 (0, 4), TN 1 (2), FP 1 (1), FN 1 (3)
 
 
-def test_metrics_against_known_values():
-    # reference values computed with scikit-learn 1.9.1 and scipy 1.17.1
-    assert glue.accuracy(PREDS, LABELS) == 0.7
-    assert glue.f1(PREDS, LABELS) == pytest.approx(0.7272727272727273, abs=1e-15)
-    assert glue.matthews_correlation(PREDS, LABELS) == pytest.approx(0.4082482904638631, abs=1e-12)
-    assert glue.matthews_correlation([0, 1, 2, 2, 1], [0, 2, 2, 2, 1]) == pytest.approx(0.7349684152591671, abs=1e-12)
-    assert glue.matthews_correlation([1, 1, 1], [0, 1, 0]) == 0.0
-    assert glue.pearson(X, Y) == pytest.approx(0.9735073975536703, abs=1e-12)
-    assert glue.spearman(X, Y) == pytest.approx(0.934148484292342, abs=1e-12)
-    assert glue.glue_metrics(glue.get_task("mrpc"), PREDS, LABELS) == {
-        "accuracy": 0.7, "f1": pytest.approx(0.7272727272727273), "combined_score": pytest.approx(0.7136363636363636)}
-    assert set(glue.glue_metrics(glue.get_task("stsb"), X, Y)) == {"pearson", "spearmanr", "combined_score"}
-    assert set(glue.glue_metrics(glue.get_task("cola"), PREDS, LABELS)) == {"matthews_correlation"}
-    assert glue.glue_metrics(None, X, Y, is_regression=True) == {"mse": pytest.approx(float(((X - Y) ** 2).mean()))}
-
-
-def test_metrics_match_scikit_learn_and_scipy_when_installed():
-    metrics = pytest.importorskip("sklearn.metrics")
-    stats = pytest.importorskip("scipy.stats")
+def test_accuracy_and_f1_of_class_one():
+    assert glue.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert glue.f1(P5, L5) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 2TP / (2TP + FP + FN) = 2/3
+    flipped = [1 - v for v in P5], [1 - v for v in L5]  # class 0's F1: TP 1, FP 1, FN 1
+    assert glue.f1(*flipped) == pytest.approx(0.5)  # GLUE's F1 is class 1's, not an average
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that F1 is undefined
+        assert glue.f1([0, 0], [0, 0]) == 0.0  # no positive anywhere
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        p, l = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
-        assert glue.matthews_correlation(p, l) == pytest.approx(metrics.matthews_corrcoef(l, p), abs=1e-12)
-        p, l = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
-        assert glue.f1(p, l) == pytest.approx(metrics.f1_score(l, p), abs=1e-12)
-        x, y = rng.integers(0, 6, 40).astype(float), rng.normal(size=40)  # ties in x
-        assert glue.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
-        assert glue.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    for _ in range(5):  # the harmonic mean of precision and recall
+        p, l = rng.integers(0, 2, 30), rng.integers(0, 2, 30)
+        tp = np.sum((p == 1) & (l == 1))
+        precision, recall = tp / np.sum(p == 1), tp / np.sum(l == 1)
+        assert glue.f1(p, l) == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_matthews_correlation():
+    assert glue.matthews_correlation(P5, L5) == pytest.approx((2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2))  # 1/6
+    assert glue.matthews_correlation([0, 1, 1, 0], [0, 1, 1, 0]) == 1.0
+    assert glue.matthews_correlation([1, 0, 0, 1], [0, 1, 1, 0]) == -1.0
+    assert glue.matthews_correlation([1, 1, 1], [0, 1, 0]) == 0.0  # a constant prediction: undefined, 0
+    assert glue.matthews_correlation([0, 2, 1, 2], [0, 2, 1, 2]) == 1.0  # three classes
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        p, l = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+        assert glue.matthews_correlation(p, l) == pytest.approx(glue.matthews_correlation(l, p))  # symmetric
+        assert glue.matthews_correlation(p, l) == pytest.approx(np.corrcoef(p, l)[0, 1])  # binary: the phi coefficient
+        p, l = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+        rename = np.array([2, 0, 1])  # the classes renamed alike on both sides
+        assert glue.matthews_correlation(rename[p], rename[l]) == pytest.approx(glue.matthews_correlation(p, l))
+
+
+def test_pearson_and_spearman():
+    assert glue.pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 / sqrt(2 * 2)
+    assert glue.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # 1 - 6 sum d^2 / n(n^2-1)
+    assert glue.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / np.sqrt(10))  # ties: ranks 1, 2.5, 2.5, 4
+    x = np.array([0.5, 1.0, 2.0, 3.5, 4.0, 6.0])
+    assert glue.pearson(x, 3 * x - 2) == pytest.approx(1.0) and glue.pearson(x, -x) == pytest.approx(-1.0)
+    assert glue.spearman(x, x**3) == pytest.approx(1.0) and glue.pearson(x, x**3) < 0.99  # monotonic, not linear
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        a, b = rng.normal(size=30), rng.normal(size=30)
+        assert glue.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+        assert glue.pearson(5 * a + 1, b) == pytest.approx(glue.pearson(a, b))  # unchanged by a positive affine map
+        assert glue.spearman(np.exp(a), b) == pytest.approx(glue.spearman(a, b))  # unchanged by any increasing map
+        ranks = lambda v: np.argsort(np.argsort(v)) + 1  # no ties in normal draws
+        assert glue.spearman(a, b) == pytest.approx(glue.pearson(ranks(a), ranks(b)))
+
+
+def test_glue_metrics_per_task():
+    assert glue.glue_metrics(glue.get_task("mrpc"), P5, L5) == {
+        "accuracy": 0.6, "f1": pytest.approx(2 / 3), "combined_score": pytest.approx((0.6 + 2 / 3) / 2)}
+    assert glue.glue_metrics(glue.get_task("cola"), P5, L5) == {"matthews_correlation": pytest.approx(1 / 6)}
+    assert glue.glue_metrics(glue.get_task("qnli"), P5, L5) == {"accuracy": 0.6}
+    stsb = glue.glue_metrics(glue.get_task("stsb"), [1, 2, 3], [1, 3, 2])
+    assert stsb == {"pearson": pytest.approx(0.5), "spearmanr": pytest.approx(0.5), "combined_score": pytest.approx(0.5)}
+    assert glue.glue_metrics(None, [1.0, 2.0], [1.5, 2.0], is_regression=True) == {"mse": pytest.approx(0.125)}
+    assert glue.glue_metrics(None, P5, L5) == {"accuracy": 0.6}
+
+
+def test_the_job_extra_holds_what_the_job_imports():
+    """scikit-learn, scipy, matplotlib and pyyaml are the `job` extra's, not the library's dependencies."""
+    import tomllib
+
+    import job
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    name = lambda requirement: requirement.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+    extra = {name(r) for r in project["optional-dependencies"]["job"]}
+    required = {name(r) for r in project["dependencies"]}
+    assert set(job.REQUIREMENTS.values()) <= extra
+    assert not extra & required
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert "-e '.[dev,job]'" in f.read()  # make install, so make train / test / mrpc have it
 
 
 # ================================================================================================ arguments

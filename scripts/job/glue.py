@@ -3,10 +3,9 @@
   * `TASKS`: the nine GLUE tasks - text columns, labels, metrics, regression for stsb;
   * `read_table`: local data files in csv, tsv (the GLUE distribution's TSV files too: quoting off,
     byte-order mark removed, their column names mapped to the Hub's), json and jsonl;
-  * `prepare_labels`: checks a label column against the task and turns label names into ids;
-  * `glue_metrics` and friends: accuracy, F1, Matthews correlation, Pearson and Spearman in numpy.
-    `evaluate.load("glue", ...)` cannot be used offline (evaluate 0.4.6 fetches every metric script
-    from the Hub, and its GLUE metric needs scikit-learn and scipy), so the same formulas are written out;
+  * `label_setup`, `encode_labels`: check a label column against the task and turn label names into ids;
+  * `glue_metrics` and friends: accuracy, F1, Matthews correlation, Pearson and Spearman, from
+    scikit-learn and scipy as `evaluate.load("glue", ...)` computes them (evaluate itself needs the Hub);
   * `resolve_model`, `hub_reachable`: short names for local checkpoints, and a quick offline check, so a
     Hub path fails within seconds when there is no network;
   * `save_metrics`, `save_state`, `log_metrics`, `plot_history`: the files a run leaves in `output_dir`,
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -287,67 +285,44 @@ def _show(values) -> str:
 
 
 # ================================================================================================ metrics
+# GLUE's metrics as `evaluate.load("glue", task)` computes them: accuracy, and scikit-learn's and scipy's
+# functions called as evaluate's GLUE metric calls them. evaluate itself cannot be used offline: 0.4.6
+# fetches every metric's script from the Hub, even "accuracy".
 def accuracy(preds, labels) -> float:
     return float((np.asarray(preds) == np.asarray(labels)).mean())
 
 
 def f1(preds, labels) -> float:
-    """Binary F1 of class 1 (scikit-learn's `f1_score` default; 0.0 when there is no positive at all)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    tp = int(((preds == 1) & (labels == 1)).sum())
-    fp = int(((preds == 1) & (labels != 1)).sum())
-    fn = int(((preds != 1) & (labels == 1)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    """F1 of class 1 (GLUE: mrpc, qqp); 0.0, with scikit-learn's warning, when no example is positive."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true=labels, y_pred=preds))
 
 
 def matthews_correlation(preds, labels) -> float:
-    """Matthews correlation for any number of classes (scikit-learn's formula; 0.0 when undefined)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes, encoded = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-    y_true, y_pred = encoded[: len(labels)], encoded[len(labels):]
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    t_sum, p_sum = confusion.sum(axis=1), confusion.sum(axis=0)
-    n_correct, n = np.trace(confusion), confusion.sum()
-    cov_ytyp = n_correct * n - np.dot(t_sum, p_sum)
-    cov_ypyp = n * n - np.dot(p_sum, p_sum)
-    cov_ytyt = n * n - np.dot(t_sum, t_sum)
-    if cov_ypyp * cov_ytyt == 0:
-        return 0.0
-    return float(cov_ytyp / np.sqrt(cov_ytyt * cov_ypyp))
+    """Matthews correlation (GLUE: cola), any number of classes; 0.0 when it is undefined."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(labels, preds))
 
 
-def pearson(x, y) -> float:
-    """Pearson's r (scipy's `pearsonr` statistic); nan when either input is constant."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xm, ym = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(np.dot(xm, xm)) * float(np.dot(ym, ym)))
-    if denom == 0:
-        return float("nan")
-    return float(max(min(np.dot(xm, ym) / denom, 1.0), -1.0))
+def pearson(preds, labels) -> float:
+    """Pearson's r (GLUE: stsb); nan, with scipy's warning, when either side is constant."""
+    from scipy.stats import pearsonr
+
+    return float(pearsonr(preds, labels)[0])
 
 
-def _average_ranks(x) -> np.ndarray:
-    """Ranks from 1, ties sharing their average rank (scipy's `rankdata(method="average")`)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2
-    return ranks
+def spearman(preds, labels) -> float:
+    """Spearman's rho (GLUE: stsb): Pearson's r of the ranks, ties sharing their average rank."""
+    from scipy.stats import spearmanr
 
-
-def spearman(x, y) -> float:
-    """Spearman's rho: Pearson's r of the average ranks (scipy's `spearmanr` statistic)."""
-    return pearson(_average_ranks(x), _average_ranks(y))
+    return float(spearmanr(preds, labels)[0])
 
 
 METRIC_FUNCTIONS = {
     "accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation,
-    "pearson": lambda p, l: pearson(p, l), "spearmanr": lambda p, l: spearman(p, l),
+    "pearson": pearson, "spearmanr": spearman,
 }
 
 
