@@ -33,9 +33,10 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
+from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state  # noqa: E402  (Trainer's own)
 
 import looptrain  # noqa: E402
-from job import embedded, glue  # noqa: E402  (scripts/job/, next to this file)
+from job import chart, embedded, glue  # noqa: E402  (scripts/job/, next to this file)
 from job.glue import JobError  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -324,19 +325,21 @@ def run(argv, trainer_cls, training_args_cls):
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**result.metrics, "train_samples": len(train_dataset)}
         trainer.save_model()
-        if is_main:
-            glue.log_metrics("train", metrics)
-            written["train metrics"] = glue.save_metrics(out, "train", metrics)
-            written["trainer state"] = glue.save_state(trainer, out)
-            written["model and tokenizer"] = out + os.sep
+        # run_glue.py's trainer.log_metrics/save_metrics/save_state: Trainer's helpers (rank 0 only), as functions
+        log_metrics(trainer, "train", metrics)
+        save_metrics(trainer, "train", metrics)
+        save_state(trainer)
+        written["train metrics"] = os.path.join(out, "train_results.json")
+        written["trainer state"] = os.path.join(out, "trainer_state.json")
+        written["model and tokenizer"] = out + os.sep
 
     # ---- 5. Evaluate.
     eval_metrics = {}
     if training_args.do_eval:
         eval_metrics = {**trainer.evaluate(eval_dataset=eval_dataset), "eval_samples": len(eval_dataset)}
-        if is_main:
-            glue.log_metrics("eval", eval_metrics)
-            written["eval metrics"] = glue.save_metrics(out, "eval", eval_metrics)
+        log_metrics(trainer, "eval", eval_metrics)
+        save_metrics(trainer, "eval", eval_metrics)
+        written["eval metrics"] = os.path.join(out, "eval_results.json")
 
     # ---- 6. Predict: one line per example, `index<TAB>prediction` (the label name), as run_glue.py.
     if training_args.do_predict:
@@ -352,9 +355,10 @@ def run(argv, trainer_cls, training_args_cls):
                 for i, p in enumerate(np.atleast_1d(preds)):
                     f.write(f"{i}\t{p:3.3f}\n" if is_regression else f"{i}\t{label_list[p]}\n")
             written["predictions"] = path
-            if has_labels:
-                glue.log_metrics("predict", output.metrics)
-                written["predict metrics"] = glue.save_metrics(out, "predict", output.metrics)
+        if has_labels:
+            log_metrics(trainer, "predict", output.metrics)
+            save_metrics(trainer, "predict", output.metrics)
+            written["predict metrics"] = os.path.join(out, "predict_results.json")
 
     # ---- 7. The chart, and where everything is.
     eval_labels = list(eval_dataset["label"]) if eval_dataset is not None else []
@@ -363,18 +367,19 @@ def run(argv, trainer_cls, training_args_cls):
             written["all metrics"] = os.path.join(out, "all_results.json")
             majority = None if is_regression else glue.majority_rate(eval_labels)
             data_name = f"GLUE {task.name}" if task else {"embedded": "the embedded paraphrase dataset"}.get(source, "your data")
-            try:
-                written["chart"] = glue.plot_history(trainer.state.log_history, os.path.join(out, "training_curves.png"),
-                                                     title=f"{model_args.model_name_or_path} model on {data_name}", baseline=majority)
-            except ImportError:
-                logger.warning("No chart: matplotlib is not installed (pip install matplotlib).")
+            state = trainer.state
+            missing = (chart.why_nothing_logged(training_args.logging_strategy, state.logging_steps, state.global_step)
+                       if training_args.do_train else "this run did not train")
+            written["chart"] = chart.plot_history(state.log_history, os.path.join(out, "training_curves.png"),
+                                                  title=f"{model_args.model_name_or_path} model on {data_name}",
+                                                  baseline=majority, missing=missing)
         print_summary(written, eval_metrics, eval_labels, is_regression, time.time() - started)
     return eval_metrics
 
 
 def print_summary(written, eval_metrics, eval_labels, is_regression, seconds):
     print()
-    keys = [k for k in eval_metrics if k.startswith("eval_") and not glue._is_timing(k) and k != "eval_samples"]
+    keys = [k for k in eval_metrics if k.startswith("eval_") and not chart.is_timing(k) and k != "eval_samples"]
     headline = {k: eval_metrics[k] for k in sorted(keys, key=lambda k: k == "eval_loss")}  # the loss last
     if headline:
         line = "  ".join(f"{k[len('eval_'):]} {v:.4f}" for k, v in headline.items())

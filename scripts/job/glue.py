@@ -1,4 +1,4 @@
-"""What the fine-tuning job (`scripts/train.py`) needs besides the Trainer, kept here so tests can import it.
+"""The fine-tuning job's data and metrics (`scripts/train.py`), kept here so tests can import them.
 
   * `TASKS`: the nine GLUE tasks - text columns, labels, metrics, regression for stsb;
   * `read_table`: local data files in csv, tsv (the GLUE distribution's TSV files too: quoting off,
@@ -8,8 +8,6 @@
     scikit-learn and scipy as `evaluate.load("glue", ...)` computes them (evaluate itself needs the Hub);
   * `resolve_model`, `hub_reachable`: short names for local checkpoints, and a quick offline check, so a
     Hub path fails within seconds when there is no network;
-  * `save_metrics`, `save_state`, `log_metrics`, `plot_history`: the files a run leaves in `output_dir`,
-    named and formatted as transformers' `run_glue.py` writes them, plus a chart.
 
 Every problem with the user's input is raised as `JobError`, whose message is one line saying what to do.
 """
@@ -402,101 +400,3 @@ LOCAL_HINT = (
     "--train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv); "
     "with no flags at all, scripts/train.py runs the embedded offline job"
 )
-
-
-# ================================================================================================ results
-def log_metrics(split: str, metrics: dict) -> None:
-    """Print metrics as `Trainer.log_metrics` does: a header, then `key = value` aligned."""
-    print(f"***** {split} metrics *****")
-    width = max((len(k) for k in metrics), default=0)
-    for key in sorted(metrics):
-        value = metrics[key]
-        if key.endswith("_runtime") and isinstance(value, (int, float)):
-            h, rest = divmod(value, 3600)
-            m, s = divmod(rest, 60)
-            value = f"{int(h)}:{int(m):02d}:{s:05.2f}"
-        elif key == "total_flos" and isinstance(value, (int, float)):
-            value = f"{value / 1e9:.0f}GF"
-        print(f"  {key:<{width}} = {value}")
-
-
-def save_metrics(output_dir: str, split: str, metrics: dict, combined: bool = True) -> str:
-    """`<split>_results.json`, and `all_results.json` updated with the same keys (`Trainer.save_metrics`)."""
-    path = os.path.join(output_dir, f"{split}_results.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=4, sort_keys=True)
-    if combined:
-        all_path = os.path.join(output_dir, "all_results.json")
-        all_metrics = {}
-        if os.path.exists(all_path):
-            with open(all_path) as f:
-                all_metrics = json.load(f)
-        all_metrics.update(metrics)
-        with open(all_path, "w") as f:
-            json.dump(all_metrics, f, indent=4, sort_keys=True)
-    return path
-
-
-def save_state(trainer, output_dir: str) -> str:
-    """`trainer_state.json` with the whole log history (`Trainer.save_state`)."""
-    path = os.path.join(output_dir, "trainer_state.json")
-    trainer.state.save_to_json(path)
-    return path
-
-
-def plot_history(log_history: list[dict], path: str, title: str = "", baseline: float | None = None) -> str | None:
-    """A PNG of training loss, learning rate and the eval metrics against the optimizer step; `baseline`
-    (the majority-class accuracy) is drawn as a dashed line under the metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [e for e in log_history if "loss" in e and "step" in e]
-    evals = [e for e in log_history if any(k.startswith("eval_") for k in e)]
-    eval_keys = sorted({k for e in evals for k in e if k.startswith("eval_") and not _is_timing(k) and k != "eval_loss"})
-    panels = 2 + bool(eval_keys)
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels + 0.6), sharex=True)
-    ax = axes[0]
-    if train:
-        ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="training loss", color="tab:blue")
-    if any("eval_loss" in e for e in evals):
-        pts = [(e["step"], e["eval_loss"]) for e in evals if "eval_loss" in e]
-        ax.plot(*zip(*pts), "o-", label="eval loss", color="tab:orange")
-    ax.set_ylabel("loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best")
-    else:
-        ax.text(0.5, 0.5, "nothing logged yet (raise max_steps or lower logging_steps)", ha="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    lrs = [(e["step"], e["learning_rate"]) for e in train if "learning_rate" in e]
-    if lrs:
-        ax.plot(*zip(*lrs), color="tab:green")
-    ax.set_ylabel("learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.grid(alpha=0.3)
-    if eval_keys:
-        ax = axes[2]
-        for key in eval_keys:
-            pts = [(e["step"], e[key]) for e in evals if key in e]
-            ax.plot(*zip(*pts), "o-", label=key[len("eval_"):])
-            last_step, last_value = pts[-1]
-            ax.annotate(f"{last_value:.3f}", (last_step, last_value), textcoords="offset points", xytext=(-10, 6), fontsize=8)
-        if baseline is not None:
-            ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
-        ax.margins(y=0.15)  # room for the value labels
-        ax.set_ylabel("eval metrics")
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("optimizer step")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _is_timing(key: str) -> bool:
-    return any(t in key for t in ("runtime", "per_second", "model_preparation_time"))
