@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -20,13 +21,15 @@ import warnings
 import numpy as np
 import pytest
 
+import looptrain
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train.py")
+MRPC = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "glue", "MRPC"))
 sys.path.insert(0, os.path.dirname(SCRIPT))  # the job's package, scripts/job/, as scripts/train.py imports it
 
-from job import embedded, glue  # noqa: E402
+from job import chart, embedded, glue  # noqa: E402
 from job.glue import JobError  # noqa: E402
-MRPC = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "glue", "MRPC"))
 
 
 def load_script():
@@ -258,6 +261,13 @@ def test_the_job_extra_holds_what_the_job_imports():
         assert "-e '.[dev,job]'" in f.read()  # make install, so make train / test / mrpc have it
 
 
+def test_a_missing_package_of_the_extra_is_one_line(monkeypatch, capsys):
+    import job
+
+    monkeypatch.setattr(job, "missing_packages", lambda: ["scipy"])
+    assert "scipy not installed: the job needs the extra `job` (pip install -e '.[job]'" in cli_error([], capsys)
+
+
 # ================================================================================================ arguments
 def test_every_training_argument_is_a_flag():
     from dataclasses import fields
@@ -270,7 +280,7 @@ def test_every_training_argument_is_a_flag():
     flags = {opt for action in parser._actions for opt in action.option_strings}
     for f in fields(looptrain.TrainingArguments):
         assert f"--{f.name}" in flags, f.name
-    m, d, t = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
+    m, d, t, _ = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
                                      "--learning_rate", "3e-5", "--no_remove_unused_columns", "--task_name", "mrpc",
                                      "--train_file", "x.tsv", "--validation_file", "y.tsv", "--max_seq_length", "64",
                                      "--model_name_or_path", "some/folder", "--output_dir", "out"])
@@ -281,12 +291,59 @@ def test_every_training_argument_is_a_flag():
 
 
 def test_embedded_model_brings_its_defaults_and_flags_override_them():
-    _, _, t = train.parse_arguments([])
+    _, _, t, _ = train.parse_arguments([])
     assert t.learning_rate == embedded.TRAINING_DEFAULTS["learning_rate"] and t.eval_strategy.value == "epoch"
-    _, _, t = train.parse_arguments(["--learning_rate", "0.01"])
+    _, _, t, _ = train.parse_arguments(["--learning_rate", "0.01"])
     assert t.learning_rate == 0.01
-    _, _, t = train.parse_arguments(["--model_name_or_path", "other"])
+    _, _, t, _ = train.parse_arguments(["--model_name_or_path", "other"])
     assert t.learning_rate == 5e-5 and t.eval_strategy.value == "no"  # TrainingArguments' own defaults
+
+
+def test_flags_cannot_be_abbreviated(capsys):
+    """argparse would take --num_train_epoch for --num_train_epochs; the job names the flag it abbreviates."""
+    assert cli_error(["--num_train_epoch", "5"], capsys) == (
+        "train.py: error: --num_train_epoch is not a flag: did you mean --num_train_epochs? Flags cannot be abbreviated.")
+    assert "did you mean --num-train-epochs?" in cli_error(["--num-train-epoch", "5"], capsys)  # dashes, as typed
+    msg = cli_error(["--learnin_rate", "1e-4"], capsys)
+    assert msg.startswith("train.py: error: unrecognized argument --learnin_rate (did you mean --learning_rate")
+    assert "invalid float value: 'fast'" in cli_error(["--learning_rate", "fast"], capsys)  # argparse's own errors too
+    _, _, t, _ = train.parse_arguments(["--num_train_epochs=5", "--per-device-train-batch-size", "4"])  # full names
+    assert (t.num_train_epochs, t.per_device_train_batch_size) == (5, 4)
+
+
+def test_help_says_which_defaults_depend_on_the_model(capsys):
+    own = {f.name: f.default for f in dataclasses.fields(looptrain.TrainingArguments)}
+    outputs = []
+    for argv in (["--help"], ["--model_name_or_path", "some/folder", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_arguments(argv)
+        assert exc.value.code == 0
+        outputs.append(" ".join(capsys.readouterr().out.split()))  # unwrapped
+    assert outputs[0] == outputs[1]  # the same help whatever the model
+    text = outputs[0]
+    for name, value in [("learning_rate", 2e-3), ("per_device_train_batch_size", 32)]:
+        assert embedded.TRAINING_DEFAULTS[name] == value
+        assert f"(default: {value:g} with --model_name_or_path embedded (the default), {own[name]:g} with any other model)" in text
+    assert f"(default: {1 / train.LOGGING_POINTS:g} here, a ratio: the job logs about {train.LOGGING_POINTS} times" in text
+
+
+def test_logging_steps_default_gives_the_chart_points(tmp_path):
+    ratio = 1 / train.LOGGING_POINTS
+    _, _, t, notes = train.parse_arguments(["--model_name_or_path", "other"])
+    assert t.logging_steps == ratio and f"logging every {100 * ratio:g}% of the training steps" in notes[0]
+    _, _, t, _ = train.parse_arguments([])
+    assert t.logging_steps == ratio  # the embedded model too
+    for argv in (["--logging_steps", "7"], ["--logging-steps=7"]):
+        _, _, t, notes = train.parse_arguments(argv)
+        assert t.logging_steps == 7 and notes == []
+    (tmp_path / "c.json").write_text(json.dumps({"logging_steps": 9}))
+    assert train.parse_arguments([str(tmp_path / "c.json")])[2].logging_steps == 9
+    # evaluation every logging_steps (no --eval_steps): TrainingArguments' default, not a ratio of the run
+    _, _, t, notes = train.parse_arguments(["--eval_strategy", "steps"])
+    own = {f.name: f.default for f in dataclasses.fields(looptrain.TrainingArguments)}
+    assert t.logging_steps == own["logging_steps"] == t.eval_steps and "since evaluation follows it" in notes[0]
+    _, _, t, _ = train.parse_arguments(["--eval_strategy", "steps", "--eval_steps", "10"])
+    assert t.logging_steps == ratio and t.eval_steps == 10
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -300,9 +357,9 @@ def test_config_file_alone_or_under_flags(tmp_path, suffix):
         import yaml
 
         path.write_text(yaml.safe_dump(config))
-    m, d, t = train.parse_arguments([str(path)])
+    m, d, t, _ = train.parse_arguments([str(path)])
     assert (d.task_name, t.num_train_epochs, t.learning_rate, t.include_for_metrics) == ("rte", 2.0, 1e-4, ["loss"])
-    _, _, t = train.parse_arguments(["--config", str(path), "--learning_rate", "2e-4"])  # flags win
+    _, _, t, _ = train.parse_arguments(["--config", str(path), "--learning_rate", "2e-4"])  # flags win
     assert t.learning_rate == 2e-4 and t.num_train_epochs == 2.0
     path.write_text(json.dumps({"learning_rat": 1}) if suffix == ".json" else "learning_rat: 1\n")
     with pytest.raises(JobError, match="unknown setting"):
@@ -366,6 +423,65 @@ def test_regression_task_and_column_overrides(tmp_path):
     assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(metrics)
     assert os.path.isfile(tmp_path / "out" / "predict_results_stsb.txt")
     assert os.path.isfile(tmp_path / "out" / "predict_results.json")  # the test file has labels: metrics too
+
+
+def test_a_short_run_charts_loss_and_learning_rate(tmp_path):
+    """60 steps with no --logging_steps: the chart has a training-loss and a learning-rate curve (with
+    TrainingArguments' logging_steps 500 it had none). Checked on the figure drawn from the run's history."""
+    out = tmp_path / "out"
+    run_job(["--train_file", write(tmp_path / "train.csv", rows(40, 1)), "--max_steps", "60", "--per_device_train_batch_size",
+             "8", "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(out)])
+    with open(out / "trainer_state.json") as f:
+        history = json.load(f)["log_history"]
+    fig = chart.draw(history)
+    lines = {line.get_label(): line.get_xydata() for ax in fig.axes for line in ax.get_lines()}
+    for label in ("training loss", "learning rate"):
+        assert len(lines[label]) >= train.LOGGING_POINTS * 0.8, (label, len(lines[label]))
+        assert lines[label][-1][0] == 60  # up to the last step
+    # logging_steps above the run's length: the panels say why they are empty
+    silent = [e for e in history if "loss" not in e]
+    missing = chart.why_nothing_logged("steps", 500, 60)
+    texts = [t.get_text() for ax in chart.draw(silent, missing=missing).axes for t in ax.texts]
+    assert texts == [f"no training loss logged:\n{missing}", f"no learning rate logged:\n{missing}"]
+    assert "logging every 500 steps, and the run took 60 steps: lower --logging_steps" == missing
+
+
+def test_resume_from_a_checkpoint_and_bad_checkpoints(tmp_path, capsys):
+    out = tmp_path / "out"
+    job = ["--train_file", write(tmp_path / "train.csv", rows(16, 1)), "--output_dir", str(out), "--save_strategy",
+           "steps", "--save_steps", "2", *FAST]
+    run_job(job)  # 3 steps: checkpoint-2 and checkpoint-3
+    run_job([*job, "--max_steps", "5", "--resume_from_checkpoint", "true"])
+    with open(out / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 5 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{not json")
+    capsys.readouterr()  # the runs' own output
+    msg = cli_error([*job, "--max_steps", "5", "--resume_from_checkpoint", str(out / "checkpoint-3")], capsys)
+    assert msg.startswith("train.py: error: --resume_from_checkpoint: ") and "trainer_state.json" in msg
+
+
+def test_bad_resume_paths_are_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    job = ["--output_dir", str(out), "--resume_from_checkpoint"]
+    assert cli_error([*job, str(tmp_path / "nope")], capsys) == (
+        f"train.py: error: --resume_from_checkpoint {tmp_path / 'nope'}: no such folder; give a <output_dir>/checkpoint-<step> folder.")
+    assert f"no checkpoint-<step> folder in --output_dir {out} (which does not exist)" in cli_error([*job, "true"], capsys)
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-12").mkdir()  # the highest step is the last, not the last name
+    (out / "checkpoint-12" / "trainer_state.json").write_text("{}")
+    msg = cli_error([*job, str(out)], capsys)
+    assert f"{out} holds checkpoints but is not one: give {out / 'checkpoint-12'} (its last)" in msg
+    msg = cli_error([*job, str(out / "checkpoint-4" / "trainer_state.json")], capsys)
+    assert "is a file, not a checkpoint folder; give the folder that holds it, " + str(out / "checkpoint-4") in msg
+    msg = cli_error([*job, str(tmp_path / "nope")], capsys)
+    assert f"no such folder; the last checkpoint in {out} is {out / 'checkpoint-12'}" in msg
+    (tmp_path / "empty").mkdir()
+    msg = cli_error([*job, str(tmp_path / "empty")], capsys)
+    assert "is not a checkpoint folder (it has no trainer_state.json)" in msg
+    msg = cli_error(["--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "true"], capsys)
+    assert f"no checkpoint-<step> folder in --output_dir {tmp_path / 'empty'};" in msg
 
 
 # ================================================================================================ bad input
