@@ -9,7 +9,7 @@ YAML file can hold any of them (flags given after it win), and the model/data fl
     python scripts/train.py --model_name_or_path minilm --task_name mrpc \\
         --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv
     python scripts/train.py config.yaml                       # or: --config config.yaml [more flags]
-    accelerate launch --num_processes 2 --cpu scripts/train.py   # the same job on 2 processes
+    accelerate launch --config_file examples/accelerate_configs/ddp.yaml scripts/train.py   # 2 processes (DDP)
 
 Read top to bottom: parse the arguments, load the data, load the model, tokenize, train, evaluate,
 predict, write the results. The parts tests import live in `scripts/job/`.
