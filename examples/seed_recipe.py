@@ -45,16 +45,6 @@ def minilm_checkpoint() -> str | None:
 def read_mrpc_tsv(path: str) -> dict[str, list]:
     """One GLUE MRPC TSV file as the Hub's columns. Quoting is off (sentences hold unbalanced `"`), and the
     byte-order mark that starts dev.tsv is dropped (utf-8-sig)."""
-    try:  # the project's reader (scripts/train.py reads the same files with it)
-        from looptrain.glue import TASKS, read_table
-    except ImportError:  # a checkout without it
-        return read_mrpc_tsv_with_csv(path)
-    columns = read_table(path, TASKS["mrpc"])
-    return {"sentence1": columns["sentence1"], "sentence2": columns["sentence2"], "label": columns["label"]}
-
-
-def read_mrpc_tsv_with_csv(path: str) -> dict[str, list]:
-    """The same, with the standard library only."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
     header, body = rows[0], rows[1:]

@@ -9,14 +9,15 @@ YAML file can hold any of them (flags given after it win), and the model/data fl
     python scripts/train.py --model_name_or_path minilm --task_name mrpc \\
         --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv
     python scripts/train.py config.yaml                       # or: --config config.yaml [more flags]
-    accelerate launch --num_processes 2 --cpu scripts/train.py   # the same job on 2 processes
+    accelerate launch --config_file examples/accelerate_configs/ddp.yaml scripts/train.py   # 2 processes (DDP)
 
 Read top to bottom: parse the arguments, load the data, load the model, tokenize, train, evaluate,
-predict, write the results. The parts tests import live in `looptrain/glue.py` and `looptrain/embedded.py`.
+predict, write the results. The parts tests import live in `scripts/job/`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -33,10 +34,12 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
+from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state  # noqa: E402  (Trainer's own)
 
+import job  # noqa: E402  (scripts/job/, next to this file)
 import looptrain  # noqa: E402
-from looptrain import embedded, glue  # noqa: E402
-from looptrain.glue import JobError  # noqa: E402
+from job import chart, embedded, glue  # noqa: E402
+from job.glue import JobError  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -68,15 +71,61 @@ class DataArguments:
 
 
 DATACLASSES = (ModelArguments, DataArguments, looptrain.TrainingArguments)
+LOGGING_POINTS = 25  # with no --logging_steps, the job logs this many times per run, so the chart has curves
+TRAINER_STATE_NAME = "trainer_state.json"  # Trainer's name; every checkpoint folder holds one
 
 
 # ================================================================================================ arguments
+class JobArgumentParser(HfArgumentParser):
+    """transformers' parser, with three changes: a flag must be spelled out (argparse would take
+    `--num_train_epoch` for `--num_train_epochs`), its errors are `JobError`s (one line, exit 2), and
+    `--help` says which defaults depend on the model instead of showing this run's."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, formatter_class=JobHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise JobError(message)
+
+
+class JobHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser's "(default: X)" after each flag's help, except where the help already says it."""
+
+    def _get_help_string(self, action):
+        return action.help if getattr(action, "default_explained", False) else super()._get_help_string(action)
+
+
+def explain_defaults(parser, training_args_cls) -> None:
+    """Write into --help the defaults that are not the same on every run: those of the embedded model,
+    the job's logging_steps and stages, and the machine's."""
+    own = {f.name: f.default for f in fields(training_args_cls)}
+    show = lambda v: str(getattr(v, "value", v))  # enums by their value, as on the command line
+    notes = {name: f"{show(value)} with --model_name_or_path embedded (the default), {show(own.get(name))} with "
+                   "any other model" for name, value in embedded.TRAINING_DEFAULTS.items()}
+    notes["logging_steps"] = (
+        f"{1 / LOGGING_POINTS:g} here, a ratio: the job logs about {LOGGING_POINTS} times per run, so that the chart has "
+        f"curves; {show(own.get('logging_steps'))} (TrainingArguments' default) with --eval_strategy steps and no "
+        "--eval_steps, since evaluation then follows logging_steps")
+    for stage in ("do_train", "do_eval", "do_predict"):
+        notes[stage] = ("when no --do_* flag is given, the job trains, evaluates when it has validation data and "
+                        "predicts when it has a test file; the embedded job has both")
+    notes["dataloader_pin_memory"] = "True on a machine with a GPU, False without"
+    notes["use_cpu"] = "True when several processes run on a machine without a GPU (DDP over gloo), else False"
+    for action in parser._actions:
+        if action.dest in notes:
+            help_text = (action.help or "").rstrip()
+            action.help = f"{help_text} (default: {notes[action.dest]})".replace("%", "%%").lstrip()
+            action.default_explained = True
+
+
 def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
     """Flags, optionally on top of a JSON/YAML file (`--config FILE`, or FILE as the only argument).
 
-    Two sets of defaults differ from TrainingArguments' own: the embedded model brings its training
-    settings (`embedded.TRAINING_DEFAULTS`, any flag overrides them), and with no --do_* flag the job
-    trains, evaluates when there is validation data, and predicts when there is a test file."""
+    Some defaults differ from TrainingArguments' own: the embedded model brings its training settings
+    (`embedded.TRAINING_DEFAULTS`), logging_steps gives the chart enough points (`LOGGING_POINTS`), and
+    with no --do_* flag the job trains, evaluates when there is validation data, and predicts when there
+    is a test file. A flag or a config file setting always wins. Returns the three argument dataclasses
+    and the lines that say which defaults the job chose."""
     argv = list(argv)
     config, config_path = {}, None
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -89,37 +138,97 @@ def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
     if config_path:
         config = load_config(config_path)
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, training_args_cls), epilog=(
+    parser = JobArgumentParser((ModelArguments, DataArguments, training_args_cls), epilog=(
         "Config files: any of these settings in a JSON or YAML mapping, as `train.py FILE.yaml`, or "
-        "`--config FILE.yaml` followed by flags that override it."))
+        "`--config FILE.yaml` followed by flags that override it. Defaults that depend on the model: with the "
+        "embedded model (the default --model_name_or_path) the job trains with its own settings ("
+        + ", ".join(f"{k} {getattr(v, 'value', v)}" for k, v in embedded.TRAINING_DEFAULTS.items())
+        + "); with any other model, TrainingArguments' defaults. Flags cannot be abbreviated."))
+    explain_defaults(parser, training_args_cls)
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(config) - known)
     if unknown:
         raise JobError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; every flag of --help can be set there.")
-    model_name = _last_value(argv, "--model_name_or_path") or config.get("model_name_or_path", embedded.NAME)
+
+    def given(name):  # on the command line (--a_flag or --a-flag) or in the config file
+        return name in config or any(arg.partition("=")[0] in _spellings(name) for arg in argv)
+
+    def setting(name):  # the value the parser will give, as a string
+        value = _last_value(argv, name)
+        value = parser.get_default(name) if value is None else value
+        return str(getattr(value, "value", value))
+
+    model_name = _last_value(argv, "model_name_or_path") or config.get("model_name_or_path", embedded.NAME)
     defaults = dict(dataloader_pin_memory=_has_accelerator())  # avoids torch's pin_memory warning on CPU
     if not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         defaults["use_cpu"] = True  # several processes on a machine without GPU: DDP over gloo
     if model_name == embedded.NAME:
         defaults.update(embedded.TRAINING_DEFAULTS)
     parser.set_defaults(**{**defaults, **config})
+    notes = []
+    if not given("logging_steps") and setting("logging_strategy") == "steps":
+        if setting("eval_strategy") == "steps" and not given("eval_steps"):
+            notes.append(f"--logging_steps not given: logging every {setting('logging_steps')} steps "
+                         "(TrainingArguments' default), since evaluation follows it (--eval_strategy steps, no --eval_steps).")
+        else:
+            parser.set_defaults(logging_steps=1 / LOGGING_POINTS)
+            notes.append(f"--logging_steps not given: logging every {100 / LOGGING_POINTS:g}% of the training steps "
+                         f"(logging_steps {1 / LOGGING_POINTS:g}), about {LOGGING_POINTS} points for the chart.")
     try:
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except (ValueError, TypeError) as err:  # TrainingArguments' own checks
         raise JobError(str(err).splitlines()[0]) from None
     if rest:
-        close = _suggest(rest[0], known)
-        raise JobError(f"unrecognized argument {rest[0]}{close}; see --help.")
+        raise JobError(_unrecognized(rest[0], {opt: a.dest for a in parser._actions for opt in a.option_strings if opt.startswith("--")}))
 
     stages = ("do_train", "do_eval", "do_predict")
-    if not any(a.split("=")[0] in {f"--{s}" for s in stages} for a in argv) and not set(stages) & set(config):
+    if not any(given(s) for s in stages):
         training_args.do_train = True
         training_args.do_eval = data_args.validation_file is not None or not data_args.train_file
         training_args.do_predict = data_args.test_file is not None or not (data_args.train_file or data_args.task_name)
     if not training_args.do_eval:  # nothing to evaluate on
         training_args.eval_strategy = type(training_args.eval_strategy)("no")
         training_args.eval_on_start = False
-    return model_args, data_args, training_args
+    if not training_args.do_train:
+        notes = []  # nothing is logged
+    return model_args, data_args, training_args, notes
+
+
+def check_resume(training_args):
+    """`--resume_from_checkpoint` as `Trainer.train` takes it (`true`/`last`: True, the last checkpoint in
+    output_dir), checked before anything is loaded, so that a wrong path costs a second, not a data load."""
+    resume, out = training_args.resume_from_checkpoint, training_args.output_dir
+    if resume is None or isinstance(resume, bool):
+        return resume
+    last = _last_checkpoint(out)
+    if resume.lower() in ("true", "last"):
+        if last is None:
+            where = f"--output_dir {out}" + ("" if os.path.isdir(out) else " (which does not exist)")
+            raise JobError(f"--resume_from_checkpoint {resume}: no checkpoint-<step> folder in {where}; give the earlier "
+                           "run's --output_dir, or a checkpoint folder (runs save them unless --save_strategy is no).")
+        return True
+    hint = f"the last checkpoint in {out} is {last}" if last else "give a <output_dir>/checkpoint-<step> folder"
+    if not os.path.exists(resume):
+        raise JobError(f"--resume_from_checkpoint {resume}: no such folder; {hint}.")
+    if not os.path.isdir(resume):
+        folder = os.path.dirname(resume) or "."
+        if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+            hint = f"give the folder that holds it, {folder}"
+        raise JobError(f"--resume_from_checkpoint {resume} is a file, not a checkpoint folder; {hint}.")
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
+        inside = _last_checkpoint(resume)
+        if inside:
+            raise JobError(f"--resume_from_checkpoint {resume} holds checkpoints but is not one: give {inside} "
+                           f"(its last), or --output_dir {resume} --resume_from_checkpoint true.")
+        raise JobError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (it has no {TRAINER_STATE_NAME}); {hint}.")
+    return resume
+
+
+def _last_checkpoint(folder):
+    """The `checkpoint-<step>` folder with the highest step in `folder` (transformers' rule), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
 def load_config(path: str) -> dict:
@@ -141,16 +250,38 @@ def load_config(path: str) -> dict:
     return config
 
 
-def _last_value(argv, flag):
-    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag] + [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+def _spellings(name):
+    """HfArgumentParser accepts a field's flag with underscores and with dashes."""
+    return {f"--{name}", f"--{name.replace('_', '-')}"}
+
+
+def _last_value(argv, name):
+    """The value last given to the flag of field `name` (`--flag value` or `--flag=value`), or None."""
+    flags, values = _spellings(name), []
+    for i, arg in enumerate(argv):
+        flag, equals, value = arg.partition("=")
+        if arg in flags and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif equals and flag in flags:
+            values.append(value)
     return values[-1] if values else None
 
 
-def _suggest(arg, known):
+def _unrecognized(arg: str, flags: dict[str, str]) -> str:
+    """What to say about an argument that is not a flag (`flags`: every spelling -> its field): the one
+    flag it abbreviates, or the closest ones, spelled as the user spells flags (underscores or dashes)."""
     import difflib
 
-    close = difflib.get_close_matches(arg.lstrip("-").split("=")[0], known, n=1)
-    return f" (did you mean --{close[0]}?)" if close else ""
+    name = arg.split("=", 1)[0]
+    if not name.startswith("--"):
+        return f"unexpected argument {arg!r}: every value follows its --flag; see --help."
+    dashes = "-" in name[2:] and "_" not in name
+    spell = lambda field: "--" + (field.replace("_", "-") if dashes else field)
+    longer = sorted({spell(flags[f]) for f in flags if f.startswith(name)})
+    if len(longer) == 1:
+        return f"{name} is not a flag: did you mean {longer[0]}? Flags cannot be abbreviated."
+    close = longer or list(dict.fromkeys(spell(flags[f]) for f in difflib.get_close_matches(name, flags, n=6)))  # best first
+    return f"unrecognized argument {name}" + (f" (did you mean {' or '.join(close[:3])}?)" if close else "") + "; see --help."
 
 
 def _has_accelerator():
@@ -243,7 +374,11 @@ def run(argv, trainer_cls, training_args_cls):
     trainer_cls = trainer_cls or looptrain.Trainer
     training_args_cls = training_args_cls or looptrain.TrainingArguments
     started = time.time()
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv, training_args_cls)
+    if job.missing_packages():
+        raise JobError(f"{', '.join(job.missing_packages())} not installed: the job needs the extra `job` "
+                       "(pip install -e '.[job]', or make install).")
+    model_args, data_args, training_args, notes = parse_arguments(sys.argv[1:] if argv is None else argv, training_args_cls)
+    resume = check_resume(training_args) if training_args.do_train else None
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if is_main else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
@@ -251,6 +386,9 @@ def run(argv, trainer_cls, training_args_cls):
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     task = glue.get_task(data_args.task_name)
+    if is_main:
+        for note in notes:
+            logger.info(note)
 
     # ---- 1. Data: columns, labels, text columns.
     tables, source = load_raw_data(data_args, task, training_args)
@@ -319,24 +457,27 @@ def run(argv, trainer_cls, training_args_cls):
 
     # ---- 4. Train.
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except looptrain.CheckpointError as err:  # a checkpoint file that cannot be used, found before training
+            raise JobError(f"--resume_from_checkpoint: {err}") from None
         metrics = {**result.metrics, "train_samples": len(train_dataset)}
         trainer.save_model()
-        if is_main:
-            glue.log_metrics("train", metrics)
-            written["train metrics"] = glue.save_metrics(out, "train", metrics)
-            written["trainer state"] = glue.save_state(trainer, out)
-            written["model and tokenizer"] = out + os.sep
+        # run_glue.py's trainer.log_metrics/save_metrics/save_state: Trainer's helpers (rank 0 only), as functions
+        log_metrics(trainer, "train", metrics)
+        save_metrics(trainer, "train", metrics)
+        save_state(trainer)
+        written["train metrics"] = os.path.join(out, "train_results.json")
+        written["trainer state"] = os.path.join(out, TRAINER_STATE_NAME)
+        written["model and tokenizer"] = out + os.sep
 
     # ---- 5. Evaluate.
     eval_metrics = {}
     if training_args.do_eval:
         eval_metrics = {**trainer.evaluate(eval_dataset=eval_dataset), "eval_samples": len(eval_dataset)}
-        if is_main:
-            glue.log_metrics("eval", eval_metrics)
-            written["eval metrics"] = glue.save_metrics(out, "eval", eval_metrics)
+        log_metrics(trainer, "eval", eval_metrics)
+        save_metrics(trainer, "eval", eval_metrics)
+        written["eval metrics"] = os.path.join(out, "eval_results.json")
 
     # ---- 6. Predict: one line per example, `index<TAB>prediction` (the label name), as run_glue.py.
     if training_args.do_predict:
@@ -352,9 +493,10 @@ def run(argv, trainer_cls, training_args_cls):
                 for i, p in enumerate(np.atleast_1d(preds)):
                     f.write(f"{i}\t{p:3.3f}\n" if is_regression else f"{i}\t{label_list[p]}\n")
             written["predictions"] = path
-            if has_labels:
-                glue.log_metrics("predict", output.metrics)
-                written["predict metrics"] = glue.save_metrics(out, "predict", output.metrics)
+        if has_labels:
+            log_metrics(trainer, "predict", output.metrics)
+            save_metrics(trainer, "predict", output.metrics)
+            written["predict metrics"] = os.path.join(out, "predict_results.json")
 
     # ---- 7. The chart, and where everything is.
     eval_labels = list(eval_dataset["label"]) if eval_dataset is not None else []
@@ -363,18 +505,19 @@ def run(argv, trainer_cls, training_args_cls):
             written["all metrics"] = os.path.join(out, "all_results.json")
             majority = None if is_regression else glue.majority_rate(eval_labels)
             data_name = f"GLUE {task.name}" if task else {"embedded": "the embedded paraphrase dataset"}.get(source, "your data")
-            try:
-                written["chart"] = glue.plot_history(trainer.state.log_history, os.path.join(out, "training_curves.png"),
-                                                     title=f"{model_args.model_name_or_path} model on {data_name}", baseline=majority)
-            except ImportError:
-                logger.warning("No chart: matplotlib is not installed (pip install matplotlib).")
+            state = trainer.state
+            missing = (chart.why_nothing_logged(training_args.logging_strategy, state.logging_steps, state.global_step)
+                       if training_args.do_train else "this run did not train")
+            written["chart"] = chart.plot_history(state.log_history, os.path.join(out, "training_curves.png"),
+                                                  title=f"{model_args.model_name_or_path} model on {data_name}",
+                                                  baseline=majority, missing=missing)
         print_summary(written, eval_metrics, eval_labels, is_regression, time.time() - started)
     return eval_metrics
 
 
 def print_summary(written, eval_metrics, eval_labels, is_regression, seconds):
     print()
-    keys = [k for k in eval_metrics if k.startswith("eval_") and not glue._is_timing(k) and k != "eval_samples"]
+    keys = [k for k in eval_metrics if k.startswith("eval_") and not chart.is_timing(k) and k != "eval_samples"]
     headline = {k: eval_metrics[k] for k in sorted(keys, key=lambda k: k == "eval_loss")}  # the loss last
     if headline:
         line = "  ".join(f"{k[len('eval_'):]} {v:.4f}" for k, v in headline.items())

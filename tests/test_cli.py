@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -15,16 +16,20 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 
-from looptrain import embedded, glue
-from looptrain.glue import JobError
+import looptrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train.py")
 MRPC = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "glue", "MRPC"))
+sys.path.insert(0, os.path.dirname(SCRIPT))  # the job's package, scripts/job/, as scripts/train.py imports it
+
+from job import chart, embedded, glue  # noqa: E402
+from job.glue import JobError  # noqa: E402
 
 
 def load_script():
@@ -175,40 +180,92 @@ def test_labels_by_id_or_name_and_unexpected_values():
 
 
 # ================================================================================================ metrics
-PREDS = np.array([1, 0, 1, 1, 0, 1, 0, 0, 1, 1])
-LABELS = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0])
-X = np.array([0.1, 2.5, 2.5, 4.0, 1.0, 3.3, 0.0, 5.0])
-Y = np.array([0.4, 2.0, 3.1, 3.9, 1.0, 3.0, 0.5, 4.2])
+# GLUE's definitions, checked on cases small enough to work out by hand and on each metric's identities.
+P5, L5 = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # TP 2 (0, 4), TN 1 (2), FP 1 (1), FN 1 (3)
 
 
-def test_metrics_against_known_values():
-    # reference values computed with scikit-learn 1.9.1 and scipy 1.17.1
-    assert glue.accuracy(PREDS, LABELS) == 0.7
-    assert glue.f1(PREDS, LABELS) == pytest.approx(0.7272727272727273, abs=1e-15)
-    assert glue.matthews_correlation(PREDS, LABELS) == pytest.approx(0.4082482904638631, abs=1e-12)
-    assert glue.matthews_correlation([0, 1, 2, 2, 1], [0, 2, 2, 2, 1]) == pytest.approx(0.7349684152591671, abs=1e-12)
-    assert glue.matthews_correlation([1, 1, 1], [0, 1, 0]) == 0.0
-    assert glue.pearson(X, Y) == pytest.approx(0.9735073975536703, abs=1e-12)
-    assert glue.spearman(X, Y) == pytest.approx(0.934148484292342, abs=1e-12)
-    assert glue.glue_metrics(glue.get_task("mrpc"), PREDS, LABELS) == {
-        "accuracy": 0.7, "f1": pytest.approx(0.7272727272727273), "combined_score": pytest.approx(0.7136363636363636)}
-    assert set(glue.glue_metrics(glue.get_task("stsb"), X, Y)) == {"pearson", "spearmanr", "combined_score"}
-    assert set(glue.glue_metrics(glue.get_task("cola"), PREDS, LABELS)) == {"matthews_correlation"}
-    assert glue.glue_metrics(None, X, Y, is_regression=True) == {"mse": pytest.approx(float(((X - Y) ** 2).mean()))}
-
-
-def test_metrics_match_scikit_learn_and_scipy_when_installed():
-    metrics = pytest.importorskip("sklearn.metrics")
-    stats = pytest.importorskip("scipy.stats")
+def test_accuracy_and_f1_of_class_one():
+    assert glue.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert glue.f1(P5, L5) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 2TP / (2TP + FP + FN) = 2/3
+    flipped = [1 - v for v in P5], [1 - v for v in L5]  # class 0's F1: TP 1, FP 1, FN 1
+    assert glue.f1(*flipped) == pytest.approx(0.5)  # GLUE's F1 is class 1's, not an average
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns that F1 is undefined
+        assert glue.f1([0, 0], [0, 0]) == 0.0  # no positive anywhere
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        p, l = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
-        assert glue.matthews_correlation(p, l) == pytest.approx(metrics.matthews_corrcoef(l, p), abs=1e-12)
-        p, l = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
-        assert glue.f1(p, l) == pytest.approx(metrics.f1_score(l, p), abs=1e-12)
-        x, y = rng.integers(0, 6, 40).astype(float), rng.normal(size=40)  # ties in x
-        assert glue.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
-        assert glue.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    for _ in range(5):  # the harmonic mean of precision and recall
+        p, l = rng.integers(0, 2, 30), rng.integers(0, 2, 30)
+        tp = np.sum((p == 1) & (l == 1))
+        precision, recall = tp / np.sum(p == 1), tp / np.sum(l == 1)
+        assert glue.f1(p, l) == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_matthews_correlation():
+    assert glue.matthews_correlation(P5, L5) == pytest.approx((2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2))  # 1/6
+    assert glue.matthews_correlation([0, 1, 1, 0], [0, 1, 1, 0]) == 1.0
+    assert glue.matthews_correlation([1, 0, 0, 1], [0, 1, 1, 0]) == -1.0
+    assert glue.matthews_correlation([1, 1, 1], [0, 1, 0]) == 0.0  # a constant prediction: undefined, 0
+    assert glue.matthews_correlation([0, 2, 1, 2], [0, 2, 1, 2]) == 1.0  # three classes
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        p, l = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+        assert glue.matthews_correlation(p, l) == pytest.approx(glue.matthews_correlation(l, p))  # symmetric
+        assert glue.matthews_correlation(p, l) == pytest.approx(np.corrcoef(p, l)[0, 1])  # binary: the phi coefficient
+        p, l = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+        rename = np.array([2, 0, 1])  # the classes renamed alike on both sides
+        assert glue.matthews_correlation(rename[p], rename[l]) == pytest.approx(glue.matthews_correlation(p, l))
+
+
+def test_pearson_and_spearman():
+    assert glue.pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 / sqrt(2 * 2)
+    assert glue.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # 1 - 6 sum d^2 / n(n^2-1)
+    assert glue.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / np.sqrt(10))  # ties: ranks 1, 2.5, 2.5, 4
+    x = np.array([0.5, 1.0, 2.0, 3.5, 4.0, 6.0])
+    assert glue.pearson(x, 3 * x - 2) == pytest.approx(1.0) and glue.pearson(x, -x) == pytest.approx(-1.0)
+    assert glue.spearman(x, x**3) == pytest.approx(1.0) and glue.pearson(x, x**3) < 0.99  # monotonic, not linear
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        a, b = rng.normal(size=30), rng.normal(size=30)
+        assert glue.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+        assert glue.pearson(5 * a + 1, b) == pytest.approx(glue.pearson(a, b))  # unchanged by a positive affine map
+        assert glue.spearman(np.exp(a), b) == pytest.approx(glue.spearman(a, b))  # unchanged by any increasing map
+        ranks = lambda v: np.argsort(np.argsort(v)) + 1  # no ties in normal draws
+        assert glue.spearman(a, b) == pytest.approx(glue.pearson(ranks(a), ranks(b)))
+
+
+def test_glue_metrics_per_task():
+    assert glue.glue_metrics(glue.get_task("mrpc"), P5, L5) == {
+        "accuracy": 0.6, "f1": pytest.approx(2 / 3), "combined_score": pytest.approx((0.6 + 2 / 3) / 2)}
+    assert glue.glue_metrics(glue.get_task("cola"), P5, L5) == {"matthews_correlation": pytest.approx(1 / 6)}
+    assert glue.glue_metrics(glue.get_task("qnli"), P5, L5) == {"accuracy": 0.6}
+    stsb = glue.glue_metrics(glue.get_task("stsb"), [1, 2, 3], [1, 3, 2])
+    assert stsb == {"pearson": pytest.approx(0.5), "spearmanr": pytest.approx(0.5), "combined_score": pytest.approx(0.5)}
+    assert glue.glue_metrics(None, [1.0, 2.0], [1.5, 2.0], is_regression=True) == {"mse": pytest.approx(0.125)}
+    assert glue.glue_metrics(None, P5, L5) == {"accuracy": 0.6}
+
+
+def test_the_job_extra_holds_what_the_job_imports():
+    """scikit-learn, scipy, matplotlib and pyyaml are the `job` extra's, not the library's dependencies."""
+    import tomllib
+
+    import job
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    name = lambda requirement: requirement.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+    extra = {name(r) for r in project["optional-dependencies"]["job"]}
+    required = {name(r) for r in project["dependencies"]}
+    assert set(job.REQUIREMENTS.values()) <= extra
+    assert not extra & required
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert "-e '.[dev,job]'" in f.read()  # make install, so make train / test / mrpc have it
+
+
+def test_a_missing_package_of_the_extra_is_one_line(monkeypatch, capsys):
+    import job
+
+    monkeypatch.setattr(job, "missing_packages", lambda: ["scipy"])
+    assert "scipy not installed: the job needs the extra `job` (pip install -e '.[job]'" in cli_error([], capsys)
 
 
 # ================================================================================================ arguments
@@ -223,7 +280,7 @@ def test_every_training_argument_is_a_flag():
     flags = {opt for action in parser._actions for opt in action.option_strings}
     for f in fields(looptrain.TrainingArguments):
         assert f"--{f.name}" in flags, f.name
-    m, d, t = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
+    m, d, t, _ = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
                                      "--learning_rate", "3e-5", "--no_remove_unused_columns", "--task_name", "mrpc",
                                      "--train_file", "x.tsv", "--validation_file", "y.tsv", "--max_seq_length", "64",
                                      "--model_name_or_path", "some/folder", "--output_dir", "out"])
@@ -234,12 +291,59 @@ def test_every_training_argument_is_a_flag():
 
 
 def test_embedded_model_brings_its_defaults_and_flags_override_them():
-    _, _, t = train.parse_arguments([])
+    _, _, t, _ = train.parse_arguments([])
     assert t.learning_rate == embedded.TRAINING_DEFAULTS["learning_rate"] and t.eval_strategy.value == "epoch"
-    _, _, t = train.parse_arguments(["--learning_rate", "0.01"])
+    _, _, t, _ = train.parse_arguments(["--learning_rate", "0.01"])
     assert t.learning_rate == 0.01
-    _, _, t = train.parse_arguments(["--model_name_or_path", "other"])
+    _, _, t, _ = train.parse_arguments(["--model_name_or_path", "other"])
     assert t.learning_rate == 5e-5 and t.eval_strategy.value == "no"  # TrainingArguments' own defaults
+
+
+def test_flags_cannot_be_abbreviated(capsys):
+    """argparse would take --num_train_epoch for --num_train_epochs; the job names the flag it abbreviates."""
+    assert cli_error(["--num_train_epoch", "5"], capsys) == (
+        "train.py: error: --num_train_epoch is not a flag: did you mean --num_train_epochs? Flags cannot be abbreviated.")
+    assert "did you mean --num-train-epochs?" in cli_error(["--num-train-epoch", "5"], capsys)  # dashes, as typed
+    msg = cli_error(["--learnin_rate", "1e-4"], capsys)
+    assert msg.startswith("train.py: error: unrecognized argument --learnin_rate (did you mean --learning_rate")
+    assert "invalid float value: 'fast'" in cli_error(["--learning_rate", "fast"], capsys)  # argparse's own errors too
+    _, _, t, _ = train.parse_arguments(["--num_train_epochs=5", "--per-device-train-batch-size", "4"])  # full names
+    assert (t.num_train_epochs, t.per_device_train_batch_size) == (5, 4)
+
+
+def test_help_says_which_defaults_depend_on_the_model(capsys):
+    own = {f.name: f.default for f in dataclasses.fields(looptrain.TrainingArguments)}
+    outputs = []
+    for argv in (["--help"], ["--model_name_or_path", "some/folder", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_arguments(argv)
+        assert exc.value.code == 0
+        outputs.append(" ".join(capsys.readouterr().out.split()))  # unwrapped
+    assert outputs[0] == outputs[1]  # the same help whatever the model
+    text = outputs[0]
+    for name, value in [("learning_rate", 2e-3), ("per_device_train_batch_size", 32)]:
+        assert embedded.TRAINING_DEFAULTS[name] == value
+        assert f"(default: {value:g} with --model_name_or_path embedded (the default), {own[name]:g} with any other model)" in text
+    assert f"(default: {1 / train.LOGGING_POINTS:g} here, a ratio: the job logs about {train.LOGGING_POINTS} times" in text
+
+
+def test_logging_steps_default_gives_the_chart_points(tmp_path):
+    ratio = 1 / train.LOGGING_POINTS
+    _, _, t, notes = train.parse_arguments(["--model_name_or_path", "other"])
+    assert t.logging_steps == ratio and f"logging every {100 * ratio:g}% of the training steps" in notes[0]
+    _, _, t, _ = train.parse_arguments([])
+    assert t.logging_steps == ratio  # the embedded model too
+    for argv in (["--logging_steps", "7"], ["--logging-steps=7"]):
+        _, _, t, notes = train.parse_arguments(argv)
+        assert t.logging_steps == 7 and notes == []
+    (tmp_path / "c.json").write_text(json.dumps({"logging_steps": 9}))
+    assert train.parse_arguments([str(tmp_path / "c.json")])[2].logging_steps == 9
+    # evaluation every logging_steps (no --eval_steps): TrainingArguments' default, not a ratio of the run
+    _, _, t, notes = train.parse_arguments(["--eval_strategy", "steps"])
+    own = {f.name: f.default for f in dataclasses.fields(looptrain.TrainingArguments)}
+    assert t.logging_steps == own["logging_steps"] == t.eval_steps and "since evaluation follows it" in notes[0]
+    _, _, t, _ = train.parse_arguments(["--eval_strategy", "steps", "--eval_steps", "10"])
+    assert t.logging_steps == ratio and t.eval_steps == 10
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -253,9 +357,9 @@ def test_config_file_alone_or_under_flags(tmp_path, suffix):
         import yaml
 
         path.write_text(yaml.safe_dump(config))
-    m, d, t = train.parse_arguments([str(path)])
+    m, d, t, _ = train.parse_arguments([str(path)])
     assert (d.task_name, t.num_train_epochs, t.learning_rate, t.include_for_metrics) == ("rte", 2.0, 1e-4, ["loss"])
-    _, _, t = train.parse_arguments(["--config", str(path), "--learning_rate", "2e-4"])  # flags win
+    _, _, t, _ = train.parse_arguments(["--config", str(path), "--learning_rate", "2e-4"])  # flags win
     assert t.learning_rate == 2e-4 and t.num_train_epochs == 2.0
     path.write_text(json.dumps({"learning_rat": 1}) if suffix == ".json" else "learning_rat: 1\n")
     with pytest.raises(JobError, match="unknown setting"):
@@ -319,6 +423,65 @@ def test_regression_task_and_column_overrides(tmp_path):
     assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(metrics)
     assert os.path.isfile(tmp_path / "out" / "predict_results_stsb.txt")
     assert os.path.isfile(tmp_path / "out" / "predict_results.json")  # the test file has labels: metrics too
+
+
+def test_a_short_run_charts_loss_and_learning_rate(tmp_path):
+    """60 steps with no --logging_steps: the chart has a training-loss and a learning-rate curve (with
+    TrainingArguments' logging_steps 500 it had none). Checked on the figure drawn from the run's history."""
+    out = tmp_path / "out"
+    run_job(["--train_file", write(tmp_path / "train.csv", rows(40, 1)), "--max_steps", "60", "--per_device_train_batch_size",
+             "8", "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(out)])
+    with open(out / "trainer_state.json") as f:
+        history = json.load(f)["log_history"]
+    fig = chart.draw(history)
+    lines = {line.get_label(): line.get_xydata() for ax in fig.axes for line in ax.get_lines()}
+    for label in ("training loss", "learning rate"):
+        assert len(lines[label]) >= train.LOGGING_POINTS * 0.8, (label, len(lines[label]))
+        assert lines[label][-1][0] == 60  # up to the last step
+    # logging_steps above the run's length: the panels say why they are empty
+    silent = [e for e in history if "loss" not in e]
+    missing = chart.why_nothing_logged("steps", 500, 60)
+    texts = [t.get_text() for ax in chart.draw(silent, missing=missing).axes for t in ax.texts]
+    assert texts == [f"no training loss logged:\n{missing}", f"no learning rate logged:\n{missing}"]
+    assert "logging every 500 steps, and the run took 60 steps: lower --logging_steps" == missing
+
+
+def test_resume_from_a_checkpoint_and_bad_checkpoints(tmp_path, capsys):
+    out = tmp_path / "out"
+    job = ["--train_file", write(tmp_path / "train.csv", rows(16, 1)), "--output_dir", str(out), "--save_strategy",
+           "steps", "--save_steps", "2", *FAST]
+    run_job(job)  # 3 steps: checkpoint-2 and checkpoint-3
+    run_job([*job, "--max_steps", "5", "--resume_from_checkpoint", "true"])
+    with open(out / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 5 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5]
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{not json")
+    capsys.readouterr()  # the runs' own output
+    msg = cli_error([*job, "--max_steps", "5", "--resume_from_checkpoint", str(out / "checkpoint-3")], capsys)
+    assert msg.startswith("train.py: error: --resume_from_checkpoint: ") and "trainer_state.json" in msg
+
+
+def test_bad_resume_paths_are_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    job = ["--output_dir", str(out), "--resume_from_checkpoint"]
+    assert cli_error([*job, str(tmp_path / "nope")], capsys) == (
+        f"train.py: error: --resume_from_checkpoint {tmp_path / 'nope'}: no such folder; give a <output_dir>/checkpoint-<step> folder.")
+    assert f"no checkpoint-<step> folder in --output_dir {out} (which does not exist)" in cli_error([*job, "true"], capsys)
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-12").mkdir()  # the highest step is the last, not the last name
+    (out / "checkpoint-12" / "trainer_state.json").write_text("{}")
+    msg = cli_error([*job, str(out)], capsys)
+    assert f"{out} holds checkpoints but is not one: give {out / 'checkpoint-12'} (its last)" in msg
+    msg = cli_error([*job, str(out / "checkpoint-4" / "trainer_state.json")], capsys)
+    assert "is a file, not a checkpoint folder; give the folder that holds it, " + str(out / "checkpoint-4") in msg
+    msg = cli_error([*job, str(tmp_path / "nope")], capsys)
+    assert f"no such folder; the last checkpoint in {out} is {out / 'checkpoint-12'}" in msg
+    (tmp_path / "empty").mkdir()
+    msg = cli_error([*job, str(tmp_path / "empty")], capsys)
+    assert "is not a checkpoint folder (it has no trainer_state.json)" in msg
+    msg = cli_error(["--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "true"], capsys)
+    assert f"no checkpoint-<step> folder in --output_dir {tmp_path / 'empty'};" in msg
 
 
 # ================================================================================================ bad input

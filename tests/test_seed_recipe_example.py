@@ -40,8 +40,11 @@ def test_says_what_is_missing_in_one_line_and_exits_0(tmp_path):
 
 @needs_mrpc
 def test_reads_the_glue_tsv_files():
-    """Quoting off (sentences hold lone `"`), the BOM of dev.tsv dropped, the Hub's columns; the project's
-    reader (looptrain/glue.py, when present) and the standard-library one agree."""
+    """Quoting off (sentences hold lone `"`), the BOM of dev.tsv dropped, the Hub's columns; the example's
+    reader and the fine-tuning job's (scripts/job/glue.py) agree."""
+    sys.path.insert(0, str(SCRIPT.parents[1] / "scripts"))
+    from job import glue
+
     data = seed_recipe.local_mrpc(seed_recipe.DEFAULT_DATA)
     assert {split: len(ds) for split, ds in data.items()} == {"train": 3667, "validation": 408}
     assert data["validation"].column_names == ["sentence1", "sentence2", "label", "idx"]
@@ -49,7 +52,8 @@ def test_reads_the_glue_tsv_files():
     assert data["validation"][0]["sentence2"].startswith('" The foodservice pie business')
     for filename in seed_recipe.SPLIT_FILES.values():
         path = os.path.join(seed_recipe.DEFAULT_DATA, filename)
-        assert seed_recipe.read_mrpc_tsv(path) == seed_recipe.read_mrpc_tsv_with_csv(path)
+        columns = glue.read_table(path, glue.TASKS["mrpc"])
+        assert seed_recipe.read_mrpc_tsv(path) == {key: columns[key] for key in ("sentence1", "sentence2", "label")}
 
 
 def test_local_metric_matches_the_glue_definition():

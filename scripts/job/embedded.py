@@ -175,6 +175,5 @@ TRAINING_DEFAULTS = dict(
     weight_decay=0.01,
     eval_strategy="epoch",
     eval_on_start=True,  # so the chart starts from the untrained model's accuracy
-    logging_steps=25,
     save_strategy="no",
 )

@@ -1,16 +1,13 @@
-"""What the fine-tuning job (`scripts/train.py`) needs besides the Trainer, kept here so tests can import it.
+"""The fine-tuning job's data and metrics (`scripts/train.py`), kept here so tests can import them.
 
   * `TASKS`: the nine GLUE tasks - text columns, labels, metrics, regression for stsb;
   * `read_table`: local data files in csv, tsv (the GLUE distribution's TSV files too: quoting off,
     byte-order mark removed, their column names mapped to the Hub's), json and jsonl;
-  * `prepare_labels`: checks a label column against the task and turns label names into ids;
-  * `glue_metrics` and friends: accuracy, F1, Matthews correlation, Pearson and Spearman in numpy.
-    `evaluate.load("glue", ...)` cannot be used offline (evaluate 0.4.6 fetches every metric script
-    from the Hub, and its GLUE metric needs scikit-learn and scipy), so the same formulas are written out;
+  * `label_setup`, `encode_labels`: check a label column against the task and turn label names into ids;
+  * `glue_metrics` and friends: accuracy, F1, Matthews correlation, Pearson and Spearman, from
+    scikit-learn and scipy as `evaluate.load("glue", ...)` computes them (evaluate itself needs the Hub);
   * `resolve_model`, `hub_reachable`: short names for local checkpoints, and a quick offline check, so a
     Hub path fails within seconds when there is no network;
-  * `save_metrics`, `save_state`, `log_metrics`, `plot_history`: the files a run leaves in `output_dir`,
-    named and formatted as transformers' `run_glue.py` writes them, plus a chart.
 
 Every problem with the user's input is raised as `JobError`, whose message is one line saying what to do.
 """
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -287,67 +283,44 @@ def _show(values) -> str:
 
 
 # ================================================================================================ metrics
+# GLUE's metrics as `evaluate.load("glue", task)` computes them: accuracy, and scikit-learn's and scipy's
+# functions called as evaluate's GLUE metric calls them. evaluate itself cannot be used offline: 0.4.6
+# fetches every metric's script from the Hub, even "accuracy".
 def accuracy(preds, labels) -> float:
     return float((np.asarray(preds) == np.asarray(labels)).mean())
 
 
 def f1(preds, labels) -> float:
-    """Binary F1 of class 1 (scikit-learn's `f1_score` default; 0.0 when there is no positive at all)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    tp = int(((preds == 1) & (labels == 1)).sum())
-    fp = int(((preds == 1) & (labels != 1)).sum())
-    fn = int(((preds != 1) & (labels == 1)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    """F1 of class 1 (GLUE: mrpc, qqp); 0.0, with scikit-learn's warning, when no example is positive."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true=labels, y_pred=preds))
 
 
 def matthews_correlation(preds, labels) -> float:
-    """Matthews correlation for any number of classes (scikit-learn's formula; 0.0 when undefined)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes, encoded = np.unique(np.concatenate([labels, preds]), return_inverse=True)
-    y_true, y_pred = encoded[: len(labels)], encoded[len(labels):]
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(confusion, (y_true, y_pred), 1)
-    t_sum, p_sum = confusion.sum(axis=1), confusion.sum(axis=0)
-    n_correct, n = np.trace(confusion), confusion.sum()
-    cov_ytyp = n_correct * n - np.dot(t_sum, p_sum)
-    cov_ypyp = n * n - np.dot(p_sum, p_sum)
-    cov_ytyt = n * n - np.dot(t_sum, t_sum)
-    if cov_ypyp * cov_ytyt == 0:
-        return 0.0
-    return float(cov_ytyp / np.sqrt(cov_ytyt * cov_ypyp))
+    """Matthews correlation (GLUE: cola), any number of classes; 0.0 when it is undefined."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(labels, preds))
 
 
-def pearson(x, y) -> float:
-    """Pearson's r (scipy's `pearsonr` statistic); nan when either input is constant."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xm, ym = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(np.dot(xm, xm)) * float(np.dot(ym, ym)))
-    if denom == 0:
-        return float("nan")
-    return float(max(min(np.dot(xm, ym) / denom, 1.0), -1.0))
+def pearson(preds, labels) -> float:
+    """Pearson's r (GLUE: stsb); nan, with scipy's warning, when either side is constant."""
+    from scipy.stats import pearsonr
+
+    return float(pearsonr(preds, labels)[0])
 
 
-def _average_ranks(x) -> np.ndarray:
-    """Ranks from 1, ties sharing their average rank (scipy's `rankdata(method="average")`)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + 1 + e) / 2
-    return ranks
+def spearman(preds, labels) -> float:
+    """Spearman's rho (GLUE: stsb): Pearson's r of the ranks, ties sharing their average rank."""
+    from scipy.stats import spearmanr
 
-
-def spearman(x, y) -> float:
-    """Spearman's rho: Pearson's r of the average ranks (scipy's `spearmanr` statistic)."""
-    return pearson(_average_ranks(x), _average_ranks(y))
+    return float(spearmanr(preds, labels)[0])
 
 
 METRIC_FUNCTIONS = {
     "accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation,
-    "pearson": lambda p, l: pearson(p, l), "spearmanr": lambda p, l: spearman(p, l),
+    "pearson": pearson, "spearmanr": spearman,
 }
 
 
@@ -427,101 +400,3 @@ LOCAL_HINT = (
     "--train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv); "
     "with no flags at all, scripts/train.py runs the embedded offline job"
 )
-
-
-# ================================================================================================ results
-def log_metrics(split: str, metrics: dict) -> None:
-    """Print metrics as `Trainer.log_metrics` does: a header, then `key = value` aligned."""
-    print(f"***** {split} metrics *****")
-    width = max((len(k) for k in metrics), default=0)
-    for key in sorted(metrics):
-        value = metrics[key]
-        if key.endswith("_runtime") and isinstance(value, (int, float)):
-            h, rest = divmod(value, 3600)
-            m, s = divmod(rest, 60)
-            value = f"{int(h)}:{int(m):02d}:{s:05.2f}"
-        elif key == "total_flos" and isinstance(value, (int, float)):
-            value = f"{value / 1e9:.0f}GF"
-        print(f"  {key:<{width}} = {value}")
-
-
-def save_metrics(output_dir: str, split: str, metrics: dict, combined: bool = True) -> str:
-    """`<split>_results.json`, and `all_results.json` updated with the same keys (`Trainer.save_metrics`)."""
-    path = os.path.join(output_dir, f"{split}_results.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=4, sort_keys=True)
-    if combined:
-        all_path = os.path.join(output_dir, "all_results.json")
-        all_metrics = {}
-        if os.path.exists(all_path):
-            with open(all_path) as f:
-                all_metrics = json.load(f)
-        all_metrics.update(metrics)
-        with open(all_path, "w") as f:
-            json.dump(all_metrics, f, indent=4, sort_keys=True)
-    return path
-
-
-def save_state(trainer, output_dir: str) -> str:
-    """`trainer_state.json` with the whole log history (`Trainer.save_state`)."""
-    path = os.path.join(output_dir, "trainer_state.json")
-    trainer.state.save_to_json(path)
-    return path
-
-
-def plot_history(log_history: list[dict], path: str, title: str = "", baseline: float | None = None) -> str | None:
-    """A PNG of training loss, learning rate and the eval metrics against the optimizer step; `baseline`
-    (the majority-class accuracy) is drawn as a dashed line under the metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [e for e in log_history if "loss" in e and "step" in e]
-    evals = [e for e in log_history if any(k.startswith("eval_") for k in e)]
-    eval_keys = sorted({k for e in evals for k in e if k.startswith("eval_") and not _is_timing(k) and k != "eval_loss"})
-    panels = 2 + bool(eval_keys)
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels + 0.6), sharex=True)
-    ax = axes[0]
-    if train:
-        ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="training loss", color="tab:blue")
-    if any("eval_loss" in e for e in evals):
-        pts = [(e["step"], e["eval_loss"]) for e in evals if "eval_loss" in e]
-        ax.plot(*zip(*pts), "o-", label="eval loss", color="tab:orange")
-    ax.set_ylabel("loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best")
-    else:
-        ax.text(0.5, 0.5, "nothing logged yet (raise max_steps or lower logging_steps)", ha="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    lrs = [(e["step"], e["learning_rate"]) for e in train if "learning_rate" in e]
-    if lrs:
-        ax.plot(*zip(*lrs), color="tab:green")
-    ax.set_ylabel("learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.grid(alpha=0.3)
-    if eval_keys:
-        ax = axes[2]
-        for key in eval_keys:
-            pts = [(e["step"], e[key]) for e in evals if key in e]
-            ax.plot(*zip(*pts), "o-", label=key[len("eval_"):])
-            last_step, last_value = pts[-1]
-            ax.annotate(f"{last_value:.3f}", (last_step, last_value), textcoords="offset points", xytext=(-10, 6), fontsize=8)
-        if baseline is not None:
-            ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
-        ax.margins(y=0.15)  # room for the value labels
-        ax.set_ylabel("eval metrics")
-        ax.legend(loc="best")
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("optimizer step")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _is_timing(key: str) -> bool:
-    return any(t in key for t in ("runtime", "per_second", "model_preparation_time"))
