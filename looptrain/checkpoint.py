@@ -350,10 +350,9 @@ class CheckpointMixin:
     def _rng_file_name(self) -> str:
         return "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
 
-    def _delete_non_best_checkpoints(self, trial) -> None:
+    def _delete_non_best_checkpoints(self, run_dir: str) -> None:
         """Trainer: with save_total_limit=1 and a best checkpoint, only the best one survives training."""
         if self.args.should_save and self.state.best_model_checkpoint is not None and self.args.save_total_limit == 1:
-            run_dir = self._get_output_dir(trial)
             for checkpoint in sort_checkpoints(run_dir, best_model_checkpoint=self.state.best_model_checkpoint):
                 if not os.path.samefile(checkpoint, self.state.best_model_checkpoint):
                     _remove_checkpoint(checkpoint)

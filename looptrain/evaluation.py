@@ -149,6 +149,8 @@ class EvaluationMixin:
             elif args.bf16_full_eval:
                 model = model.to(dtype=torch.bfloat16, device=args.device)
         batch_size = args.eval_batch_size
+        examples = self.num_examples(dataloader) if has_length(dataloader) else "unknown"
+        logger.info(f"***** Running {description} *****  examples={examples}, batch size={batch_size}")
         if hasattr(model, "eval") and callable(model.eval):
             model.eval()
         if hasattr(self.optimizer, "eval") and callable(self.optimizer.eval):

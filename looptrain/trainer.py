@@ -577,7 +577,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                 num_train_samples = max_steps * total_train_batch_size
             else:
                 num_train_epochs = math.ceil(args.num_train_epochs)
-                num_train_samples = num_examples * args.num_train_epochs
+                num_train_samples = self.num_examples(dataloader) * args.num_train_epochs  # (Trainer asks again)
         elif args.max_steps > 0:  # no length (an IterableDataset): run for max_steps, over as many passes as needed
             num_train_epochs = sys.maxsize
             num_update_steps_per_epoch = max_steps
@@ -833,8 +833,9 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         preempted = self._preemption.stopped  # the newest checkpoint is the one to resume from: keep it, load nothing
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None and not preempted:
             self._load_best_model()
+        run_dir = self._get_output_dir(trial)
         if not preempted:
-            self._delete_non_best_checkpoints(trial)
+            self._delete_non_best_checkpoints(run_dir)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         self._finish_current_push()
         if self.neftune_noise_alpha is not None:
