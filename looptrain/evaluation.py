@@ -35,6 +35,7 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import logging
 
+from .checks import explain_forward_error
 from .optim import steps_on_metrics
 
 logger = logging.get_logger(__name__)
@@ -168,7 +169,13 @@ class EvaluationMixin:
                 observed += observed_batch
                 if batch_size is None:  # a batch sampler: the size is known only now
                     batch_size = observed_batch
-            losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            try:
+                losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            except (IndexError, RuntimeError) as err:  # looptrain: say what torch's error means
+                clearer = explain_forward_error(err, self.accelerator.unwrap_model(model), inputs)
+                if clearer is None:
+                    raise
+                raise clearer from err
             main_input = getattr(self.model, "main_input_name", "input_ids")
             inputs_decode = self._prepare_input(inputs[main_input]) if "inputs" in args.include_for_metrics else None
             labels_seen = labels_seen or labels is not None
@@ -237,11 +244,6 @@ class EvaluationMixin:
                 "inputs": all_inputs if "inputs" in args.include_for_metrics else None,
             }
             metrics = self.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels, **eval_kwargs))
-            if metrics is not None and not isinstance(metrics, dict):
-                raise TypeError(
-                    f"compute_metrics returned a {type(metrics).__name__}; it must return a dict of metric names to "
-                    "numbers, such as {'accuracy': 0.9}."
-                )
         elif metrics is None:
             metrics = {}
             if self.compute_metrics is not None and description == "Evaluation" and not prediction_loss_only and not labels_seen:
@@ -250,7 +252,12 @@ class EvaluationMixin:
                     f"compute_metrics was not called: the evaluation batches have no labels {self.label_names}. Add a "
                     "'label'/'labels' column to the eval dataset, or set TrainingArguments(label_names=[...])."
                 )
-        metrics = denumpify_detensorize(metrics)
+        if not isinstance(metrics, Mapping):  # Trainer fails later, deep inside, without naming compute_metrics
+            raise TypeError(
+                f"compute_metrics returned a {type(metrics).__name__} ({str(metrics)[:80]!r}); it must return a dict of "
+                "metric names to numbers, such as {'accuracy': 0.9}."
+            )
+        metrics = denumpify_detensorize(dict(metrics))
         losses = np.concatenate(all_losses) if isinstance(all_losses, list) and all_losses else all_losses
         if isinstance(losses, np.ndarray):
             finite = np.isfinite(losses)

@@ -99,6 +99,7 @@ from transformers.training_args import OptimizerNames, ParallelMode
 from transformers.utils import can_return_loss, find_labels, logging
 
 from . import checkpoint as ckpt
+from . import checks
 from .checkpoint import CheckpointMixin, LoopState
 from .data import DataMixin, default_collator
 from .evaluation import EvaluationMixin
@@ -143,6 +144,9 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
 
     # Trainer: None means "decide from the model" (see `training_step`); subclasses may set True/False.
     loss_is_scaled_for_ga: bool | None = None
+    # looptrain: a run whose gradients become NaN/inf stops with an error naming the step and the last good
+    # checkpoint (`checks.DivergenceGuard`). False: train on, as transformers.Trainer does.
+    raise_on_divergence: bool = True
 
     # =================================================================================================== setup
     def __init__(
@@ -184,6 +188,8 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self.deepspeed = None
         self.model = model  # Trainer: the accelerator reads the model (DDP's find_unused_parameters)
         self.create_accelerator_and_postprocess()
+        checks.check_process_group(self.accelerator)  # looptrain: launched processes that did not connect
+        checks.check_mixed_precision(args, self.accelerator)  # looptrain: fp16 where it would silently be float32
         self._memory_tracker = TrainerMemoryTracker(args.skip_memory_metrics)
         self._memory_tracker.start()
         logging.set_verbosity(args.get_process_log_level())
@@ -504,6 +510,10 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         if args.auto_find_batch_size:
             self._update_auto_batch_size(batch_size)
         train_dataloader = self.get_train_dataloader()
+        # looptrain: labels outside the model's classes, sequences longer than its positions, said before any step.
+        eval_sets = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
+        for description, dataset in [("training", self.train_dataset), *eval_sets]:
+            checks.check_dataset_fits_model(self.model, dataset, self.data_collator, self.label_names, description)
 
         # ---- 1. Plan the run: micro-batches per epoch, optimizer steps per epoch and in all, epochs.
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
@@ -532,6 +542,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self._initial_num_input_tokens_seen = self.state.num_input_tokens_seen
         self._initial_global_step = self.state.global_step
         self._loop = LoopState.start(self.state.global_step, args.device)
+        self._divergence = checks.DivergenceGuard(args.device)
         if resume_from_checkpoint is not None:  # looptrain: the loss summed since the last log, the last norm and lr
             self._loop.restore(self._checkpoint_file(resume_from_checkpoint, ckpt.LOOP_STATE_NAME), args.process_index)
         model.zero_grad()
@@ -749,7 +760,13 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                 else:
                     sync_context = self.accelerator.no_sync(model=model)
                 with sync_context:
-                    tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
+                    try:
+                        tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
+                    except (IndexError, RuntimeError) as err:  # looptrain: say what torch's error means
+                        clearer = checks.explain_forward_error(err, self.accelerator.unwrap_model(model), inputs)
+                        if clearer is None:
+                            raise
+                        raise clearer from err
 
                 if args.logging_nan_inf_filter:
                     # Trainer: a NaN/Inf step loss counts as the running mean instead. The same values as Trainer's
@@ -776,15 +793,19 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                     learning_rate = self._get_learning_rate()  # the lr this step used
                     # fp16: a step skipped for overflow does not advance the schedule. Plateau-type schedulers
                     # step on evaluation metrics instead (`_evaluate`).
-                    if not self.accelerator.optimizer_step_was_skipped and not steps_on_metrics(self.lr_scheduler):
+                    step_was_skipped = self.accelerator.optimizer_step_was_skipped
+                    if not step_was_skipped and not steps_on_metrics(self.lr_scheduler):
                         self.lr_scheduler.step()
                     model.zero_grad()
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / steps_in_epoch
                     self._loop.grad_norm, self._loop.learning_rate = grad_norm, learning_rate  # looptrain_state.json
+                    if not step_was_skipped:
+                        self._divergence.observe(grad_norm, self.state.global_step)  # on the device, no sync
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                     if self._preemption.requested(self.accelerator):  # SIGTERM: save at this step boundary, then stop
                         self.control.should_save = True
+                    self._stop_if_diverged(trial)
                     self._maybe_log_save_evaluate(
                         self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                         learning_rate=learning_rate,
@@ -804,6 +825,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
             self.control.should_training_stop = True
         # ---- the epoch's end. Trainer: it also runs when max_steps or a callback stopped the epoch early.
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        self._stop_if_diverged(trial)
         self._loop.at_epoch_end = True  # a checkpoint saved now leaves nothing of this epoch to a resumed run
         try:
             self._maybe_log_save_evaluate(
@@ -815,6 +837,8 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
     def _finalize_training(self, trial, num_train_samples, start_time) -> TrainOutput:
         """The summary log (Trainer's `train_loss` is the mean of the losses of this call), the best model,
         `on_train_end`."""
+        if self.raise_on_divergence:  # no diverged model is returned
+            self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
         self._total_loss_scalar += self._tr_loss.item()
         num_steps = self.state.global_step - self._initial_global_step
         train_loss = self._total_loss_scalar / max(num_steps, 0.001)
@@ -842,6 +866,12 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
             deactivate_neftune(self.model, self.neftune_hook_handle, self.accelerator)
         self.is_in_train = False
         return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _stop_if_diverged(self, trial) -> None:
+        """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), stop a run whose
+        gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
+        if self.raise_on_divergence and (self.control.should_log or self.control.should_evaluate or self.control.should_save):
+            self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
 
     @property
     def preempted(self) -> bool:
@@ -912,10 +942,12 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         else:
             if isinstance(outputs, dict) and "loss" not in outputs:
                 raise ValueError(
-                    f"The model returned no loss, only {', '.join(outputs.keys())}; it received {', '.join(inputs.keys())}. "
-                    f"Give the data labels (this model reads {self.label_names or 'none'}; set "
-                    "TrainingArguments(label_names=[...]) if yours are under another name), or compute the loss "
-                    "with Trainer(compute_loss_func=...) or a compute_loss override."
+                    f"The model returned no loss, only {', '.join(outputs.keys())}: the batch ({', '.join(inputs.keys())}) has "
+                    f"no labels for it. {type(self.accelerator.unwrap_model(model)).__name__} takes its labels as "
+                    f"{self.label_names or 'nothing'}: if your dataset holds them in another column, rename it "
+                    "(dataset.rename_column('<your column>', 'label'); remove_unused_columns drops columns the model's "
+                    "forward does not take). Or compute the loss yourself: Trainer(compute_loss_func=...) or a "
+                    "compute_loss override."
                 )
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]  # a tuple: the loss comes first
         if (
@@ -1127,21 +1159,33 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def _warn_if_loss_not_scaled_for_ga(self):
-        """transformers#47688: warn once when accumulation will silently multiply the loss (README, "GA")."""
-        if (
-            self.args.gradient_accumulation_steps > 1
-            and self.loss_is_scaled_for_ga is None
-            and self.compute_loss_func is None
-            and self.model_accepts_loss_kwargs
-            and not _model_uses_num_items(self.accelerator.unwrap_model(self.model))
-            and not getattr(self, "_warned_ga", False)
-        ):
-            self._warned_ga = True
+        """transformers#47688, and its multi-process twin: warn once when the loss of a model that takes **kwargs but
+        ignores `num_items_in_batch` (BertForSequenceClassification, ...) is silently multiplied, as Trainer 5.24
+        does: not divided by the accumulation steps, and multiplied by the number of processes
+        (`average_tokens_across_devices`). README, "Deliberate differences" says why looptrain keeps it."""
+        if self.loss_is_scaled_for_ga is not None or self.compute_loss_func is not None or not self.model_accepts_loss_kwargs:
+            return
+        if getattr(self, "_warned_loss_scale", False) or _model_uses_num_items(self.accelerator.unwrap_model(self.model)):
+            return
+        name = type(self.accelerator.unwrap_model(self.model)).__name__
+        hazards = []
+        if self.args.gradient_accumulation_steps > 1:
+            hazards.append(
+                f"its loss is NOT divided by gradient_accumulation_steps={self.args.gradient_accumulation_steps}: gradients "
+                "and the logged loss are up to that many times too large (transformers#47688; set "
+                "`loss_is_scaled_for_ga = False` on a Trainer subclass for the correct average)"
+            )
+        if self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            hazards.append(
+                f"with average_tokens_across_devices=True its loss is multiplied by the {self.args.world_size} processes: "
+                f"the logged training and evaluation losses are {self.args.world_size} times the 1-process values (set "
+                "average_tokens_across_devices=False for per-process means)"
+            )
+        if hazards:
+            self._warned_loss_scale = True
             warnings.warn(
-                f"{type(self.model).__name__}.forward takes **kwargs but does not use num_items_in_batch, so (as in "
-                "transformers.Trainer 5.24, transformers#47688) its loss is NOT divided by gradient_accumulation_steps: "
-                "gradients and the logged loss are up to gradient_accumulation_steps times too large. Set "
-                "`loss_is_scaled_for_ga = False` on a Trainer subclass for the mathematically correct average.",
+                f"{name}.forward takes **kwargs but does not use num_items_in_batch, so (as in transformers.Trainer 5.24) "
+                + "; and ".join(hazards) + ".",
                 UserWarning,
                 stacklevel=5,  # the caller of train()
             )

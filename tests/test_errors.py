@@ -23,9 +23,20 @@ def test_no_labels_and_no_loss_function(tmp_path):
     optimizer step or save."""
     train = random_token_dataset(16, 0).remove_columns(["label"])
     trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=train)
-    with pytest.raises(ValueError, match="returned no loss.*label_names.*compute_loss_func"):
+    with pytest.raises(ValueError, match=r"(?s)returned no loss.*\['labels'\].*rename_column.*compute_loss_func"):
         trainer.train()
     assert trainer.state.global_step == 0 and not any(p.startswith("checkpoint") for p in os.listdir(tmp_path))
+
+
+def test_label_advice_works_when_followed(tmp_path):
+    """Labels in a column named `sentiment`: the error says to rename it, and renaming it trains."""
+    train = random_token_dataset(16, 0).rename_column("label", "sentiment")
+    with pytest.raises(ValueError, match="rename_column") as err:
+        looptrain.Trainer(tiny_bert(), _args(tmp_path / "a", max_steps=1), train_dataset=train).train()
+    assert "label_names=" not in str(err.value)  # label_names would not help: BERT's forward takes `labels`
+    fixed = train.rename_column("sentiment", "label")
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path / "b", max_steps=1, save_strategy="no"), train_dataset=fixed)
+    assert trainer.train().global_step == 1
 
 
 def test_no_labels_is_fine_with_a_loss_function(tmp_path):

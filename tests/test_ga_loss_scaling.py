@@ -90,3 +90,23 @@ def test_warns_once_for_a_model_in_the_hazard(tmp_path):
 @pytest.mark.parametrize("ga,cls", [(1, looptrain.Trainer), (2, CorrectlyScaled)], ids=["ga1", "override_set"])
 def test_no_warning_when_not_in_the_hazard(tmp_path, ga, cls):
     assert _warnings_for(tmp_path / "b", no_dropout_bert, ga=ga, cls=cls) == []
+
+
+def test_multi_process_loss_scaling_warns_like_accumulation(tmp_path, monkeypatch):
+    """The same hazard on several processes: a **kwargs model that ignores num_items_in_batch has its loss multiplied
+    by the number of processes (Trainer's behaviour, kept); train() says so once, naming the fix."""
+    import warnings
+
+    from helpers import random_token_dataset, tiny_bert
+
+    args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1, save_strategy="no",
+                                       report_to="none", disable_tqdm=True)
+    trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=random_token_dataset(8, 0))
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))  # what `accelerate launch` would report
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._warn_if_loss_not_scaled_for_ga()
+        trainer._warn_if_loss_not_scaled_for_ga()  # once only
+    ours = [str(w.message) for w in caught if "num_items_in_batch" in str(w.message)]
+    assert len(ours) == 1 and "multiplied by the 2 processes" in ours[0] and "average_tokens_across_devices=False" in ours[0]
+    assert "gradient_accumulation_steps" not in ours[0]  # GA is 1 here
