@@ -187,9 +187,8 @@ def test_readme_and_cookbook_do_reference_code():
     paths = {path for _, path, _ in cookbook}
     recipes = {f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py")}
     assert recipes <= paths, f"examples missing from docs/subclassing.md: {sorted(recipes - paths)}"
-    hooks = {name for _, path, name in cookbook if path == "looptrain/trainer.py" and name}
-    assert {"Trainer.compute_loss", "Trainer.create_optimizer", "Trainer.create_scheduler",
-            "Trainer.get_train_dataloader", "Trainer.log"} <= hooks
+    hooks = {name.split(".")[-1] for _, path, name in cookbook if path.startswith("looptrain/") and name}
+    assert {"compute_loss", "create_optimizer", "create_scheduler", "get_train_dataloader", "log"} <= hooks
     assert len(excerpts(cookbook_text)) >= 6  # a checked excerpt for every recipe
 
 
@@ -222,10 +221,12 @@ def test_the_checker_itself():
 
 
 def test_the_excerpt_checker_itself():
-    text = "x\n```python\n# looptrain/optim.py\ndef parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:\n" \
-           "    ...\n    return [\n```\n```python\nnot an excerpt\n```\n"
+    text = "x\n```python\n# looptrain/optim.py\ndef steps_on_metrics(scheduler) -> bool:\n" \
+           "    ...\n    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))\n```\n" \
+           "```python\nnot an excerpt\n```\n"
     assert excerpts(text) == [(2, "looptrain/optim.py", [
-        "def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:", "    ...", "    return ["])]
+        "def steps_on_metrics(scheduler) -> bool:", "    ...",
+        "    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))"])]
     assert excerpt_problem(*excerpts(text)[0][1:]) is None
-    assert "is not a line" in excerpt_problem("looptrain/optim.py", ["    return [", "def parameter_groups(model):"])
+    assert "is not a line" in excerpt_problem("looptrain/optim.py", ["    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))", "def steps_on_metrics(scheduler) -> bool:"])
     assert "is not a line" in excerpt_problem("looptrain/optim.py", ["import nothing_of_the_kind"])
