@@ -82,3 +82,58 @@ def test_constructor_accepts_trainer_keywords_in_order():
     theirs = list(inspect.signature(transformers.Trainer.__init__).parameters)
     ours = list(inspect.signature(looptrain.Trainer.__init__).parameters)
     assert ours[: len(theirs)] == theirs and ours[len(theirs):] == ["tokenizer"]
+
+
+# ------------------------------------------------------------------------------------------------ the house
+def _module_imports(path: pathlib.Path) -> set[str]:
+    """looptrain modules a module imports (`from . import x`, `from .x import y`, `import looptrain.x`)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [alias.name for alias in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("looptrain."):
+            found.add(node.module.split(".")[1])
+    return {name.split(".")[0] for name in found}
+
+
+def test_imports_inside_the_package_go_one_way():
+    """The import graph of looptrain/ has no cycle (trainer.py imports the modules around the loop, never back)."""
+    graph = {p.stem: _module_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert all(dep in graph for deps in graph.values() for dep in deps), graph
+    state = {}
+
+    def visit(node, path):
+        state[node] = "visiting"
+        for dep in graph[node]:
+            assert state.get(dep) != "visiting", f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert graph["trainer"] >= {"checkpoint", "data", "evaluation", "optim", "training_args"}
+    assert not any("trainer" in deps for name, deps in graph.items() if name != "trainer")
+
+
+def test_state_shared_between_files_is_trainers_own():
+    """No module writes an attribute that another module reads unless transformers.Trainer has the same attribute
+    (the contract subclasses rely on too) or it is the loop's one declared running state, `_loop` (a LoopState that
+    checkpoints save and restore)."""
+    import ast
+    import collections
+
+    import transformers
+
+    writes, reads = collections.defaultdict(set), collections.defaultdict(set)
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                (writes if isinstance(node.ctx, ast.Store) else reads)[node.attr].add(path.name)
+    trainer_source = pathlib.Path(inspect.getsourcefile(transformers.Trainer)).read_text()
+    trainers_own = set(re.findall(r"self\.(\w+)", trainer_source))
+    shared = {attr for attr, files in writes.items() if reads.get(attr, set()) - files}
+    assert shared - trainers_own == {"_loop"}
