@@ -17,6 +17,7 @@ from transformers.trainer_callback import (
 from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOutput
 
 from .checkpoint import CheckpointError
+from .seq2seq import Seq2SeqTrainer
 from .trainer import Trainer
 from .training_args import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Trainer",
     "TrainingArguments",
+    "Seq2SeqTrainer",
     "Seq2SeqTrainingArguments",
     "CheckpointError",
     "TrainerCallback",

@@ -246,7 +246,9 @@ class CheckpointMixin:
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w") as f:  # looptrain: JSON, not a pickle
-            f.write(self.args.to_json_string())
+            # `to_json_string()` with paths written as text: HfArgumentParser makes `--generation_config DIR`
+            # a pathlib.Path, which json cannot encode.
+            f.write(json.dumps(self.args.to_dict(), indent=2, default=str))
 
     # ------------------------------------------------------------------ checkpoints
     def _get_output_dir(self, trial) -> str:
