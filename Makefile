@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-minilm train mrpc test bench clean
+.PHONY: install install-minilm train mrpc test test-optimizers bench clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,23 @@ mrpc: install-minilm
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# tests/test_optimizers.py with the package of every `optim` value that runs on CPU (README, "Optional packages"),
+# in .venv-optimizers: a venv layered on .venv (a .pth file adds .venv's packages), since torchao, once installed,
+# logs warnings at every transformers import on a CPU build of torch, which .venv's own tests must not see.
+OPT_VENV ?= .venv-optimizers
+SITE_PACKAGES := import sysconfig; print(sysconfig.get_paths()["purelib"])
+
+$(OPT_VENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(OPT_VENV)
+	$(PY) -c '$(SITE_PACKAGES)' > "$$($(OPT_VENV)/bin/python -c '$(SITE_PACKAGES)')/base-venv.pth"
+	$(OPT_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,job,optimizers]'
+	touch $@
+
+test-optimizers: $(OPT_VENV)/.installed
+	$(OPT_VENV)/bin/python -m pytest tests/test_optimizers.py $(PYTEST_ARGS)
+
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) trainer_output tmp_trainer
+	rm -rf $(VENV) $(OPT_VENV) trainer_output tmp_trainer
