@@ -6,10 +6,18 @@ uploads it in the background (`_push_from_checkpoint`; with `hub_strategy` "chec
 the checkpoint folder too), skipping a save while the previous upload runs unless `hub_always_push`;
 `train()` waits for the last upload at its end (`_finish_current_push`); `push_to_hub()` saves the model,
 writes the model card and uploads `output_dir`.
+
+looptrain differs in three ways. When the Hub cannot be reached (offline mode, no connection) or refuses the
+credentials, `Trainer(push_to_hub=True)` fails at once with one line that names the fix, where Trainer lets the
+HTTP library's error through. A background upload that failed is logged when it is next looked at (Trainer
+drops its error). Uploads of `output_dir` leave out the `.tmp-*` folders a checkpoint is written into before
+it is renamed (checkpoint.py). The files uploaded are otherwise Trainer's, but for checkpoint.py's own:
+`training_args.json` instead of `training_args.bin`, and `looptrain_state.json` in each checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,13 +38,55 @@ from transformers.utils import (
     logging,
 )
 
+from .checkpoint import TMP_PREFIX
+
 logger = logging.get_logger(__name__)
+
+# What an upload of `output_dir` leaves out: Trainer's patterns (private files, the checkpoints, uploaded on their
+# own), and looptrain's staging folders (`.tmp-checkpoint-N` while a checkpoint is written, see checkpoint.py).
+OUTPUT_DIR_IGNORE_PATTERNS = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"{TMP_PREFIX}*"]
 
 
 def _hf_api():
     from transformers.utils import hf_api
 
     return hf_api()
+
+
+@contextlib.contextmanager
+def _explain_hub_errors(action: str, fix: str):
+    """Turn "the Hub cannot be reached" and "the Hub refused the token" into one line that says what to do.
+
+    `action` names what needed the Hub ("push_to_hub=True"), `fix` how to do without it ("set push_to_hub=False").
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        from httpx2 import TransportError  # huggingface_hub 2.x
+    except ImportError:  # pragma: no cover - huggingface_hub 1.x
+        from httpx import TransportError
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise ConnectionError(
+            f"{action} needs the Hugging Face Hub, and offline mode is on (HF_HUB_OFFLINE=1): {fix}, "
+            "or unset HF_HUB_OFFLINE."
+        ) from None
+    except TransportError as e:  # no network, unknown host, connection refused, timeout
+        raise ConnectionError(
+            f"{action} needs the Hugging Face Hub, which cannot be reached at {constants.ENDPOINT} "
+            f"({type(e).__name__}: {e}): {fix}, or check the network (and HF_ENDPOINT)."
+        ) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status not in (401, 403) or isinstance(e, RepositoryNotFoundError):  # that one says what to check
+            raise
+        raise PermissionError(
+            f"{action}: the Hugging Face Hub at {constants.ENDPOINT} refused the credentials (HTTP {status}): {fix}, "
+            "or log in with a token that can write (`hf auth login`, HF_TOKEN, or hub_token=)."
+        ) from None
 
 
 class HubMixin:
@@ -49,7 +99,12 @@ class HubMixin:
         repo_name = self.args.hub_model_id if self.args.hub_model_id is not None else Path(self.args.output_dir).absolute().name
         token = token if token is not None else self.args.hub_token
         private = private if private is not None else self.args.hub_private_repo
-        repo_url = _hf_api().create_repo(repo_name, token=token, private=private, exist_ok=True)
+        if self.args.push_to_hub:
+            action, fix = "push_to_hub=True", "set push_to_hub=False"
+        else:
+            action, fix = "push_to_hub()", "keep the model local (save_model())"
+        with _explain_hub_errors(f"{action} (creating the repository {repo_name})", fix):
+            repo_url = _hf_api().create_repo(repo_name, token=token, private=private, exist_ok=True)
         self.hub_model_id = repo_url.repo_id
         self.push_in_progress = None
 
@@ -66,9 +121,11 @@ class HubMixin:
         if os.path.exists(path):
             existing = ModelCard.load(path).data
             is_peft_library = existing.get("library_name") == "peft"
-            if tags is not None and existing.tags is not None:  # Trainer: keep the card's tags
+            if tags is not None and existing.tags is not None:  # Trainer: the card's own tags are kept
                 tags = [tags] if isinstance(tags, str) else tags
-                tags += [tag for tag in existing.tags if tag not in tags]
+                for tag in existing.tags:
+                    if tag not in tags:
+                        tags.append(tag)
         summary = TrainingSummary.from_trainer(
             self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
             tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
@@ -97,15 +154,16 @@ class HubMixin:
             kwargs["tags"] = tags + [tag for tag in self.model.model_tags if tag not in tags]
         self.create_model_card(model_name=model_name, **kwargs)
         self._finish_current_push()
-        return _hf_api().upload_folder(
-            repo_id=self.hub_model_id,
-            folder_path=self.args.output_dir,
-            commit_message=commit_message,
-            token=token,
-            run_as_future=not blocking,
-            ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"],
-            revision=self.args.hub_revision if revision is None else revision,
-        )
+        with _explain_hub_errors(f"push_to_hub() (uploading to {self.hub_model_id})", "keep the model local (save_model())"):
+            return _hf_api().upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=self.args.output_dir,
+                commit_message=commit_message,
+                token=token,
+                run_as_future=not blocking,
+                ignore_patterns=OUTPUT_DIR_IGNORE_PATTERNS,
+                revision=self.args.hub_revision if revision is None else revision,
+            )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """After a checkpoint save: upload in the background, unless the previous upload still runs."""
@@ -138,7 +196,7 @@ class HubMixin:
         jobs = [
             _hf_api().upload_folder(
                 repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message, token=self.args.hub_token,
-                run_as_future=True, ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"], revision=self.args.hub_revision,
+                run_as_future=True, ignore_patterns=OUTPUT_DIR_IGNORE_PATTERNS, revision=self.args.hub_revision,
             )
         ]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
@@ -151,6 +209,7 @@ class HubMixin:
                 )
             )
         if self.push_in_progress is None or self.push_in_progress.is_done():
+            self._log_failed_pushes()
             self.push_in_progress = PushInProgress(jobs)
         else:
             self.push_in_progress.jobs.extend(jobs)
@@ -160,3 +219,15 @@ class HubMixin:
         if getattr(self, "push_in_progress", None) is not None and not self.push_in_progress.is_done():
             logger.info("Waiting for the current checkpoint push to be finished, this might take a couple of minutes.")
             self.push_in_progress.wait_until_done()
+        self._log_failed_pushes()
+
+    def _log_failed_pushes(self) -> None:
+        """looptrain: say which finished background uploads failed (Trainer drops their errors), once each."""
+        push = getattr(self, "push_in_progress", None)
+        if push is None:
+            return
+        for job in [job for job in push.jobs if job.done() and not job.cancelled() and job.exception() is not None]:
+            error = job.exception()
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            logger.warning(f"An upload to the Hub ({self.hub_model_id}) failed: {type(error).__name__}: {first_line}")
+            push.jobs.remove(job)

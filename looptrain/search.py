@@ -50,9 +50,11 @@ class HyperparameterSearchMixin:
             return
         if self.hp_search_backend == HPSearchBackend.OPTUNA:
             params = self.hp_space(trial)
-        else:  # Ray Tune and W&B hand the values themselves
-            params = dict(trial)
-            params.pop("wandb", None)
+        elif self.hp_search_backend == HPSearchBackend.RAY:  # the trial is the values; its "wandb" entry is not one
+            params = trial
+            params.pop("wandb", None)  # Trainer: removed from the trial itself (so not in `state.trial_params`)
+        else:  # W&B: the trial is the values
+            params = trial
         for key, value in params.items():
             if not hasattr(self.args, key):
                 logger.warning(f"The hyperparameter search sets {key}, which is not a TrainingArguments field; it is ignored.")
@@ -61,6 +63,8 @@ class HyperparameterSearchMixin:
             setattr(self.args, key, type(old)(value) if old is not None else value)  # Trainer: cast to the field's type
         if self.hp_search_backend == HPSearchBackend.OPTUNA:
             logger.info(f"Trial: {trial.params}")
+        elif self.hp_search_backend == HPSearchBackend.WANDB:
+            logger.info(f"W&B Sweep parameters: {trial}")
         if self.is_deepspeed_enabled:
             if self.args.deepspeed is None:
                 raise ValueError("A hyperparameter search under DeepSpeed needs TrainingArguments(deepspeed=...).")
