@@ -99,10 +99,11 @@ class EvaluationMixin:
             metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
         except RuntimeError as err:
             # Trainer: auto_find_batch_size only lowers the training batch size; an evaluation OOM must not retry training.
+            # The message must not contain " out of memory.", which accelerate's should_reduce_batch_size looks for.
             if self.args.auto_find_batch_size and should_reduce_batch_size(err):
                 raise RuntimeError(
-                    "Evaluation ran out of memory. auto_find_batch_size only adjusts the training batch size: lower "
-                    "per_device_eval_batch_size instead."
+                    "Evaluation hit an out-of-memory error. auto_find_batch_size only adjusts the training batch size: "
+                    "lower per_device_eval_batch_size instead."
                 ) from err
             raise
         self._report_to_hp_search(trial, self.state.global_step, metrics)
