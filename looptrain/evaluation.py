@@ -9,7 +9,6 @@ Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Mapping
@@ -213,7 +212,9 @@ class EvaluationMixin:
             elif args.eval_accumulation_steps is not None and (step + 1) % args.eval_accumulation_steps == 0:
                 for container in containers:  # move to host memory every N steps
                     container.to_cpu_and_numpy()
-        self.gather_function = functools.partial(self.accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object)
+        # Trainer: after the loop gather_function is reset to the plain gather_for_metrics, so eval_use_gather_object
+        # applies to the first evaluation loop of a Trainer only (trainer.py:3055-3056).
+        self.gather_function = self.accelerator.gather_for_metrics
 
         if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0:
             # Trainer returns metrics without a loss here; looptrain names the cause.
