@@ -515,12 +515,13 @@ class CheckpointMixin:
     def _load_callback_state(self) -> None:
         """`restore_callback_states_from_checkpoint`: stateful callbacks (EarlyStoppingCallback, ...) get their saved
         state back. Callbacks of one type are matched in order; each is rebuilt from its saved constructor args and
-        attributes, in place. looptrain: `TrainerControl` is not restored (Trainer restores it): its saved flags
-        describe the save itself, and the loop sets them as the uninterrupted run had them."""
+        attributes, and moved to the end of the list, as Trainer does. looptrain: `TrainerControl` is not restored
+        (Trainer restores it): its saved flags describe the save itself, and the loop sets them as the uninterrupted
+        run had them."""
         if not self.args.restore_callback_states_from_checkpoint:
             return
         saved = self.state.stateful_callbacks or {}
-        not_found = []
+        not_found, restored = [], []
         callbacks = self.callback_handler.callbacks
         for name, data in saved.items():
             if name == TrainerControl.__name__:
@@ -537,7 +538,10 @@ class CheckpointMixin:
                         setattr(new, key, value)
                 except (TypeError, AttributeError) as err:
                     raise CheckpointError(f"The saved state of callback {name} does not fit it ({err}).") from None
-                callbacks[i] = new
+                restored.append((callbacks[i], new))
+        for old, new in restored:  # Trainer: a restored callback leaves its place and runs last
+            callbacks.remove(old)
+            callbacks.append(new)
         if not_found:
             logger.warning(f"The checkpoint holds state of callbacks this Trainer does not have: {', '.join(not_found)}.")
 

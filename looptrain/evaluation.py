@@ -9,7 +9,6 @@ Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Mapping
@@ -100,10 +99,11 @@ class EvaluationMixin:
             metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
         except RuntimeError as err:
             # Trainer: auto_find_batch_size only lowers the training batch size; an evaluation OOM must not retry training.
+            # The message must not contain " out of memory.", which accelerate's should_reduce_batch_size looks for.
             if self.args.auto_find_batch_size and should_reduce_batch_size(err):
                 raise RuntimeError(
-                    "Evaluation ran out of memory. auto_find_batch_size only adjusts the training batch size: lower "
-                    "per_device_eval_batch_size instead."
+                    "Evaluation hit an out-of-memory error. auto_find_batch_size only adjusts the training batch size: "
+                    "lower per_device_eval_batch_size instead."
                 ) from err
             raise
         self._report_to_hp_search(trial, self.state.global_step, metrics)
@@ -221,7 +221,9 @@ class EvaluationMixin:
             elif args.eval_accumulation_steps is not None and (step + 1) % args.eval_accumulation_steps == 0:
                 for container in containers:  # move to host memory every N steps
                     container.to_cpu_and_numpy()
-        self.gather_function = functools.partial(self.accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object)
+        # Trainer: after the loop gather_function is reset to the plain gather_for_metrics, so eval_use_gather_object
+        # applies to the first evaluation loop of a Trainer only (trainer.py:3055-3056).
+        self.gather_function = self.accelerator.gather_for_metrics
 
         if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0:
             # Trainer returns metrics without a loss here; looptrain names the cause.
