@@ -7,8 +7,14 @@ PEFT adapter files, or FSDP/DeepSpeed shards), tokenizer files, `optimizer.pt`, 
     a `training_args.bin` (Trainer writes one into its checkpoints: it is ignored on resume);
   * `looptrain_state.json` holds what Trainer loses on resume (`LoopState`). transformers.Trainer ignores it.
 
+Sharded runs write Trainer's sharded files: FSDP through accelerate's savers (`pytorch_model_fsdp_0/` and
+`optimizer_0/` from every process, or gathered `pytorch_model_fsdp.bin` and `optimizer.bin`), DeepSpeed through
+its engine (`global_step<N>/`, `latest`); so their checkpoints hold the whole optimizer state, and resume in
+either library.
+
 Loading never runs code from a file: every `torch.load` is `weights_only=True`, weights are safetensors (or
-`weights_only` .bin), the rest is JSON. Every file a resume uses is read and checked before training touches
+`weights_only` .bin), the rest is JSON. The pickled parts of sharded formats, which their own loaders read, are
+checked first for what they reference (`check_sharded_files`). Every file a resume uses is read and checked before training touches
 the model, the optimizer or the RNG; a file that fails is a `CheckpointError` naming it.
 
 What looptrain does that Trainer 5.24 does not:

@@ -13,6 +13,8 @@ Two shims make this run on CPUs; both trainers run under them, and neither touch
     process there is nothing to all-reduce, so `build_shm_op` returns None (DeepSpeed then uses plain
     torch.distributed, as it does where the kernel is not available).
 
+On a GPU (`scripts/gpu_check.py` launches it there, one process per GPU) the shims do nothing.
+
 For each setup (FSDP2 with SHARDED_STATE_DICT and FULL_STATE_DICT; ZeRO-2 with Trainer's optimizer and schedule,
 ZeRO-3 with DeepSpeed's) five runs: each library uninterrupted (saving checkpoint-3 of 4 optimizer steps,
 mid-epoch), looptrain resumed from its own checkpoint and from Trainer's, Trainer resumed from looptrain's.
@@ -166,10 +168,14 @@ def classes(lib: str):
     return transformers.Trainer, transformers.TrainingArguments
 
 
+DETERMINISTIC = False  # --deterministic (on a GPU): full_determinism, so that two runs can agree bit for bit
+
+
 def run(lib: str, output_dir: str, sharding: dict, train_size: int, resume_from: str | None = None) -> dict:
     trainer_cls, args_cls = classes(lib)
     args = args_cls(
-        output_dir=output_dir, report_to="none", disable_tqdm=True, seed=42, use_cpu="fsdp" in sharding,
+        output_dir=output_dir, report_to="none", disable_tqdm=True, seed=42, full_determinism=DETERMINISTIC,
+        use_cpu="fsdp" in sharding and not torch.cuda.is_available(),  # (DeepSpeed needs use_cpu=False on CPUs too)
         per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2, max_grad_norm=0.5,
         learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, logging_steps=1, save_strategy="steps",
         save_steps=SAVE_STEP, **sharding,
@@ -358,24 +364,56 @@ ZERO3 = {  # DeepSpeed's own optimizer and schedule, filled in from the argument
 }
 
 
-def mode_fsdp(workdir: str) -> dict:
-    allow_fsdp_on_cpu()
-    results = {"plugins": fsdp_plugins(os.path.join(workdir, "plugins"))}
+FSDP_SETUPS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+DEEPSPEED_SETUPS = {"zero2": ZERO2, "zero3": ZERO3}
+
+
+def mode_fsdp(workdir: str, setups, plugins: bool = True) -> dict:
+    allow_fsdp_on_cpu()  # (a no-op on GPUs)
+    results = {"plugins": fsdp_plugins(os.path.join(workdir, "plugins"))} if plugins else {}
     wrap = {"transformer_layer_cls_to_wrap": ["BertLayer"]}
-    # 32 examples, 4 per rank and micro-batch, 2 ranks: 4 micro-batches per rank and epoch, 2 optimizer steps
-    for state_dict_type in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+    # 16 examples per process, 4 per micro-batch: 4 micro-batches per process and epoch, 2 optimizer steps
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for state_dict_type in setups or FSDP_SETUPS:
         sharding = {"fsdp": True, "fsdp_config": {**wrap, "state_dict_type": state_dict_type}}
-        results[state_dict_type] = sharded_runs(workdir, state_dict_type, sharding, train_size=32)
+        results[state_dict_type] = sharded_runs(workdir, state_dict_type, sharding, train_size=16 * world_size)
     return results
 
 
-def mode_deepspeed(workdir: str) -> dict:
-    skip_deepspeed_shm_kernel()
-    results = {"config_file": deepspeed_configs(workdir)}
-    # 16 examples, 4 per micro-batch, 1 process: 4 micro-batches per epoch, 2 optimizer steps
-    for name, config in (("zero2", ZERO2), ("zero3", ZERO3)):
-        results[name] = sharded_runs(workdir, name, {"deepspeed": config}, train_size=16)
+def mode_deepspeed(workdir: str, setups, plugins: bool = True) -> dict:
+    if not torch.cuda.is_available():
+        skip_deepspeed_shm_kernel()
+    results = {"config_file": deepspeed_configs(workdir)} if plugins else {}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in setups or DEEPSPEED_SETUPS:
+        results[name] = sharded_runs(workdir, name, {"deepspeed": DEEPSPEED_SETUPS[name]}, train_size=16 * world_size)
     return results
+
+
+def checks(runs: dict) -> list[tuple[str, bool]]:
+    """What the five runs of one setup must show (tests/test_sharded.py and scripts/gpu_check.py): (check, passed)."""
+    hf, lt = runs["transformers"], runs["looptrain"]
+    out = [
+        ("looptrain == Trainer: every log value", lt["log"] == hf["log"]),
+        ("looptrain == Trainer: complete weights and optimizer state at the save", lt["at_save"] == hf["at_save"]),
+        ("looptrain == Trainer: complete final weights and optimizer state", lt["end"] == hf["end"]),
+    ]
+    for name in ("looptrain_from_looptrain", "looptrain_from_transformers", "transformers_from_looptrain"):
+        resumed = runs[name]
+        out += [
+            (f"{name}: optimizer state after loading == the state saved", resumed["at_resume"]["optimizer"] == lt["at_save"]["optimizer"]),
+            (f"{name}: weights after loading == the weights saved", resumed["at_resume"]["weights"] == lt["at_save"]["weights"]),
+            (f"{name}: losses after the resume == the uninterrupted run's",
+             [e for e in resumed["log"] if "loss" in e] == [e for e in lt["log"] if "loss" in e]),
+            (f"{name}: final weights and optimizer state == the uninterrupted run's", resumed["end"] == lt["end"]),
+        ]
+    hf_files = {f for f in hf["checkpoint_files"] if f != "training_args.bin"}
+    out += [
+        ("looptrain's checkpoint holds every file of Trainer's", hf_files <= set(lt["checkpoint_files"])),
+        ("the optimizer state changed after the save (the comparison is not vacuous)", lt["end"]["optimizer"] != lt["at_save"]["optimizer"]),
+        ("no staging folder left behind", lt["leftovers"] == []),
+    ]
+    return out
 
 
 def main():
@@ -383,9 +421,16 @@ def main():
     parser.add_argument("--mode", choices=("fsdp", "deepspeed"), required=True)
     parser.add_argument("--out", required=True, help="results go to <out>.rank<N>.json")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--setup", action="append", help="only these setups (default: all of the mode)")
+    parser.add_argument("--no-plugins", action="store_true", help="skip the plugin/config comparisons")
+    parser.add_argument("--deterministic", action="store_true", help="full_determinism=True (GPU runs)")
     opts = parser.parse_args()
-    torch.set_num_threads(1)
-    results = (mode_fsdp if opts.mode == "fsdp" else mode_deepspeed)(opts.workdir)
+    global DETERMINISTIC
+    DETERMINISTIC = opts.deterministic
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    mode = mode_fsdp if opts.mode == "fsdp" else mode_deepspeed
+    results = mode(opts.workdir, opts.setup, plugins=not opts.no_plugins)
     with open(f"{opts.out}.rank{rank()}.json", "w") as f:
         json.dump(results, f)
     if torch.distributed.is_initialized():

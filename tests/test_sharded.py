@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 
+import sharded_worker
 from test_distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,8 @@ def losses(run: dict) -> list:
 
 
 def assert_resumes_completely(runs: dict) -> None:
+    failed = [name for name, passed in sharded_worker.checks(runs) if not passed]  # gpu_check.py's checks
+    assert not failed, failed
     hf, lt = runs["transformers"], runs["looptrain"]
     # looptrain's uninterrupted run equals Trainer's: every log value, the complete state at the save and at the end
     assert lt["log"] == hf["log"]
