@@ -7,8 +7,14 @@ PEFT adapter files, or FSDP/DeepSpeed shards), tokenizer files, `optimizer.pt`, 
     a `training_args.bin` (Trainer writes one into its checkpoints: it is ignored on resume);
   * `looptrain_state.json` holds what Trainer loses on resume (`LoopState`). transformers.Trainer ignores it.
 
+Sharded runs write Trainer's sharded files: FSDP through accelerate's savers (`pytorch_model_fsdp_0/` and
+`optimizer_0/` from every process, or gathered `pytorch_model_fsdp.bin` and `optimizer.bin`), DeepSpeed through
+its engine (`global_step<N>/`, `latest`); so their checkpoints hold the whole optimizer state, and resume in
+either library.
+
 Loading never runs code from a file: every `torch.load` is `weights_only=True`, weights are safetensors (or
-`weights_only` .bin), the rest is JSON. Every file a resume uses is read and checked before training touches
+`weights_only` .bin), the rest is JSON. The pickled parts of sharded formats, which their own loaders read, are
+checked first for what they reference (`check_sharded_files`). Every file a resume uses is read and checked before training touches
 the model, the optimizer or the RNG; a file that fails is a `CheckpointError` naming it.
 
 What looptrain does that Trainer 5.24 does not:
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
-from transformers.trainer_pt_utils import reissue_pt_warnings
+from transformers.trainer_pt_utils import remove_dummy_checkpoint, reissue_pt_warnings
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HPSearchBackend, _is_peft_model, sort_checkpoints
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -50,7 +56,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 LOOP_STATE_NAME = "looptrain_state.json"
 OPTIMIZER_NAME, SCHEDULER_NAME, SCALER_NAME = "optimizer.pt", "scheduler.pt", "scaler.pt"
-FSDP_MODEL_NAME = "pytorch_model_fsdp"
+FSDP_MODEL_NAME = "pytorch_model_fsdp"  # accelerate's names for FSDP's model and optimizer files
+FSDP_OPTIMIZER_NAME = "optimizer.bin"
 TMP_PREFIX = ".tmp-"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -208,9 +215,22 @@ class CheckpointMixin:
             # a SHARDED_STATE_DICT model is saved by `_save_optimizer_and_scheduler` (save_fsdp_model)
         elif self.is_deepspeed_enabled:
             try:
-                self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.deepspeed))
-            except ValueError:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save: only DeepSpeed's own files
-                logger.warning("ZeRO-3 without stage3_gather_16bit_weights_on_model_save: saving DeepSpeed's checkpoint instead.")
+                zero3 = self.deepspeed.config.get("zero_optimization", {}).get("stage") == 3
+                if zero3 and _is_peft_model(self.model) and _accepts_exclude_frozen(self.model_wrapped):
+                    # Trainer: PEFT under ZeRO-3 gathers only the trainable (adapter) weights
+                    state_dict = self.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+                else:
+                    state_dict = self.accelerator.get_state_dict(self.deepspeed)  # ZeRO-3: gathered from every rank
+                self._save(output_dir, state_dict=state_dict)
+            except ValueError:
+                # Trainer: ZeRO-3 without stage3_gather_16bit_weights_on_model_save cannot gather the weights: the
+                # folder gets the config, tokenizer and arguments, and DeepSpeed's own sharded checkpoint.
+                logger.warning(
+                    "ZeRO-3 without stage3_gather_16bit_weights_on_model_save: saving DeepSpeed's sharded checkpoint "
+                    "instead of the weights; DeepSpeed's zero_to_fp32.py rebuilds them."
+                )
+                self._save(output_dir, state_dict={})
+                remove_dummy_checkpoint(self.args.should_save, output_dir, [WEIGHTS_NAME, SAFE_WEIGHTS_NAME])
                 self.model_wrapped.save_checkpoint(output_dir)
         else:
             self._save(output_dir)
@@ -314,12 +334,16 @@ class CheckpointMixin:
         """`optimizer.pt` and `scheduler.pt` (under DeepSpeed and FSDP, their own sharded files)."""
         if self.is_deepspeed_enabled:
             # Trainer: DeepSpeed's engine writes model, optimizer (and its scheduler) shards itself.
-            exclude_frozen = "exclude_frozen_parameters" in str(self.model_wrapped.save_checkpoint.__code__.co_varnames)
-            if exclude_frozen and _is_peft_model(self.model):
+            # (from every process into the staging folder: each writes its partitions, the main one `latest`)
+            if _is_peft_model(self.model) and _accepts_exclude_frozen(self.model_wrapped):
                 self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
             else:
                 self.model_wrapped.save_checkpoint(output_dir)
         elif self.is_fsdp_enabled:
+            # Trainer: accelerate's FSDP savers. SHARDED_STATE_DICT: every process writes its shards of the model
+            # and of the optimizer state (torch.distributed.checkpoint, `pytorch_model_fsdp_0/`, `optimizer_0/`);
+            # FULL_STATE_DICT: both are gathered and the main process writes `pytorch_model_fsdp.bin` and
+            # `optimizer.bin`. Either way the whole optimizer state, not one process's shard.
             from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
             from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 
@@ -456,14 +480,18 @@ class CheckpointMixin:
                     self.lr_scheduler.load_state_dict(scheduler_state)
             return
         if self.is_fsdp_enabled:
+            # Trainer: the FSDP optimizer state is loaded only when the checkpoint has one and a schedule
+            # (`optimizer_0/` or `optimizer.bin`); accelerate's loader reads and re-shards it on every process.
             from accelerate.utils import load_fsdp_optimizer
             from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 
-            load_fsdp_optimizer(
-                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, checkpoint,
-                **get_fsdp_ckpt_kwargs(),
-            )
-            optimizer_state = "loaded"
+            optimizer_state = None
+            if has_fsdp_optimizer_state(checkpoint) and self._checkpoint_file(checkpoint, "scheduler") is not None:
+                load_fsdp_optimizer(
+                    self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, checkpoint,
+                    **get_fsdp_ckpt_kwargs(),
+                )
+                optimizer_state = "loaded"
         else:
             optimizer_state = self._checkpoint_file(checkpoint, "optimizer")
         scheduler_state = self._checkpoint_file(checkpoint, "scheduler")
@@ -581,10 +609,74 @@ def read_checkpoint(checkpoint: str, rng_file_name: str) -> dict:
     for key in ("optimizer", "scheduler", "scaler"):
         if key in files and not isinstance(files[key], dict):
             raise CheckpointError(f"{checkpoint}: the {key} file holds a {type(files[key]).__name__}, not a state dict.")
+    check_sharded_files(checkpoint)  # FSDP's and DeepSpeed's own files are read by their loaders, later
     loop = files.get(LOOP_STATE_NAME)
     if loop is not None and not {"saved_at", "tr_loss", "globalstep_last_logged"} <= loop.keys():
         raise CheckpointError(f"{checkpoint}/{LOOP_STATE_NAME} lacks the keys saved_at, tr_loss, globalstep_last_logged.")
     return files
+
+
+def has_fsdp_optimizer_state(checkpoint: str) -> bool:
+    """Trainer's test for an optimizer state it can load under FSDP: a file (`optimizer.pt`, `optimizer.bin`) or
+    a torch.distributed.checkpoint folder (`optimizer_0/`)."""
+    if any(os.path.isfile(os.path.join(checkpoint, name)) for name in (OPTIMIZER_NAME, FSDP_OPTIMIZER_NAME)):
+        return True
+    return any("optimizer" in name and os.path.isdir(os.path.join(checkpoint, name)) for name in os.listdir(checkpoint))
+
+
+# What the pickled parts of sharded checkpoints may reference. torch.distributed.checkpoint's `.metadata` is a plain
+# pickle, and DeepSpeed loads its `global_step*/*.pt` with weights_only=False; both loaders would run code that a
+# tampered file names, so `check_sharded_files` reads their references first and refuses anything else.
+_DCP_METADATA_GLOBALS = {
+    "torch": {"Size"},  # and torch's dtypes, allowed by type below
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "bytearray", "slice"},
+}
+_DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+def check_sharded_files(checkpoint: str) -> None:
+    """Before a sharded resume: refuse torch.distributed.checkpoint metadata (FSDP's `pytorch_model_fsdp_0/`,
+    `optimizer_0/`) and DeepSpeed files (`global_step*/*.pt`) that reference anything but the classes these
+    formats use. The files are parsed, never executed; the loaders of accelerate and DeepSpeed read them later."""
+    import glob
+    import pickle
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            allowed = module.startswith("torch.distributed.checkpoint.") or name in _DCP_METADATA_GLOBALS.get(module, ())
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                allowed = True
+            if not allowed:
+                raise pickle.UnpicklingError(f"it references {module}.{name}")
+            return super().find_class(module, name)
+
+    for metadata in sorted(glob.glob(os.path.join(checkpoint, "*", ".metadata"))):
+        try:
+            with open(metadata, "rb") as f:
+                RestrictedUnpickler(f).load()
+        except Exception as err:
+            raise CheckpointError(
+                f"Refusing to resume from {metadata}: it is not a torch.distributed.checkpoint metadata file "
+                f"({type(err).__name__}: {_first_line(err)}). It is truncated or corrupted, or references code."
+            ) from None
+    for path in sorted(glob.glob(os.path.join(checkpoint, "global_step*", "*.pt"))):
+        try:
+            unexpected = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _DEEPSPEED_GLOBALS
+        except Exception as err:
+            raise CheckpointError(f"{path} cannot be read as a DeepSpeed checkpoint file ({type(err).__name__}: {_first_line(err)}).") from None
+        if unexpected:
+            raise CheckpointError(
+                f"Refusing to resume from {path}: DeepSpeed would unpickle it, and it references "
+                f"{', '.join(sorted(unexpected))}, which DeepSpeed's own checkpoints never do."
+            )
 
 
 def load_weights(checkpoint: str, model, accelerator, is_fsdp_enabled: bool):
@@ -812,6 +904,13 @@ def _caught_warnings():
         reissue_pt_warnings(caught)
 
     return context()
+
+
+def _accepts_exclude_frozen(engine) -> bool:
+    """Whether this DeepSpeed version's `save_checkpoint` can leave out frozen parameters (Trainer asks the same)."""
+    import inspect
+
+    return "exclude_frozen_parameters" in inspect.signature(engine.save_checkpoint).parameters
 
 
 def _peft_model_classes() -> tuple:

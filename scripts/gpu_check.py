@@ -1,6 +1,6 @@
 """fp16 and bf16 on a GPU: parity of looptrain against transformers.Trainer, and throughput of both.
 
-    .venv/bin/python scripts/gpu_check.py                 # on a machine with one CUDA GPU (< 5 minutes on an H100)
+    .venv/bin/python scripts/gpu_check.py                 # on a machine with one CUDA GPU (< 8 minutes on an H100)
     .venv/bin/python scripts/gpu_check.py --smoke         # tiny sizes; on a CPU-only machine runs bf16 only
 
 What it does, for each precision (fp32 reference, bf16, fp16):
@@ -16,17 +16,34 @@ What it does, for each precision (fp32 reference, bf16, fp16):
     repeated the previous learning rate (a skipped step does so only with a non-fused optimizer; see
     README, "Mixed precision").
 
-Prints one line per result and a final JSON document (also written to --out if given). Exit status 1
-if any parity check fails.
+And a sharded section (FSDP2 and DeepSpeed ZeRO through accelerate; one GPU suffices: FSDP and ZeRO on one
+process run the same save and load code as on several). It launches `tests/sharded_worker.py` with
+`torch.distributed.run`, one process per GPU (on a CPU, 2 processes over gloo for FSDP, 1 for ZeRO): a tiny
+BERT trained 4 optimizer steps by each library, checkpoint-3 written mid-epoch, then looptrain resumed from
+its checkpoint and from Trainer's, and Trainer from looptrain's; the complete weights and optimizer state
+(gathered from every shard) are compared after loading and at the end with the uninterrupted run's and with
+Trainer's, with `full_determinism=True` on a GPU. FSDP with SHARDED_STATE_DICT and FULL_STATE_DICT; ZeRO-2
+(Trainer's optimizer and schedule) and ZeRO-3 (DeepSpeed's), when `import deepspeed` works (the GPU image has
+no DeepSpeed: bring `deepspeed-*-py3-none-any.whl` and its small dependencies hjson, msgpack, ninja,
+py-cpuinfo, einops in .whl/; `pip wheel --no-deps deepspeed` builds it without its compiled ops, which these
+runs do not use). `--smoke` on a CPU runs one setup of each.
+
+    .venv/bin/python scripts/gpu_check.py --sharded-only [--smoke]   # only this section
+
+Prints one line per result and per check, and a final JSON document (also written to --out if given). Exit
+status 1 if any parity or sharded check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,10 +173,49 @@ def throughput(precision: str, use_cpu: bool, smoke: bool, tmp: str) -> dict:
     return out
 
 
+def sharded(smoke: bool, tmp: str) -> list[dict]:
+    """The sharded section: one launch of tests/sharded_worker.py per mode; one entry per check (None: skipped)."""
+    import sharded_worker
+
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    modes = [("fsdp", gpus or 2, ["SHARDED_STATE_DICT"] if smoke else list(sharded_worker.FSDP_SETUPS))]
+    deepspeed_setups = ["zero2"] if smoke else list(sharded_worker.DEEPSPEED_SETUPS)
+    if importlib.util.find_spec("deepspeed") is not None:
+        modes.append(("deepspeed", gpus or 1, deepspeed_setups))
+    entries = [] if len(modes) == 2 else [{"check": f"deepspeed {s}: skipped, `import deepspeed` fails", "passed": None}
+                                          for s in deepspeed_setups]
+    for mode, processes, setups in modes:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = os.path.join(tmp, f"sharded-{mode}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
+               os.path.join(ROOT, "tests", "sharded_worker.py"), "--mode", mode, "--out", out, "--workdir", out + "-work"]
+        cmd += [a for setup in setups for a in ("--setup", setup)] + (["--deterministic"] if cuda else [])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        if cuda:
+            env["DS_ACCELERATOR"] = "cuda"  # a DeepSpeed wheel built on a CPU machine would otherwise default to its CPU
+        else:
+            env["OMP_NUM_THREADS"] = "1"
+        start = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+        if proc.returncode != 0:
+            entries.append({"check": f"{mode}: the launch failed (rc={proc.returncode}): {proc.stderr[-2000:]}", "passed": False})
+            continue
+        results = json.load(open(f"{out}.rank0.json"))
+        for setup in setups:
+            for check, passed in sharded_worker.checks(results[setup]):
+                entries.append({"check": f"{mode} {setup} ({processes} process{'es' * (processes > 1)}): {check}", "passed": passed})
+        entries.append({"check": f"{mode}: {round(time.time() - start, 1)} s for {5 * len(setups)} runs", "passed": None})
+    return entries
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (a quick check of the script itself)")
     parser.add_argument("--out", help="also write the JSON results here")
+    parser.add_argument("--sharded-only", action="store_true", help="only the sharded (FSDP, DeepSpeed) section")
     opts = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -171,26 +227,31 @@ def main():
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA GPU: fp16 skipped)",
     }
     print(json.dumps(env), flush=True)
-    results = {"env": env, "parity": [], "throughput": []}
+    results = {"env": env, "parity": [], "throughput": [], "sharded": []}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         # Throughput first: the parity runs' full_determinism switches deterministic algorithms on for
-        # the rest of the process.
-        for precision in precisions:
+        # the rest of the process. (The sharded section runs in launched processes of its own.)
+        for precision in [] if opts.sharded_only else precisions:
             r = throughput(precision, use_cpu, opts.smoke or not cuda, tmp)
             results["throughput"].append(r)
             print("throughput", json.dumps(r), flush=True)
-        for precision in precisions:
+        for precision in [] if opts.sharded_only else precisions:
             r = parity(precision, use_cpu, tmp)
             results["parity"].append(r)
             print("parity", json.dumps(r), flush=True)
+        for entry in sharded(opts.smoke, tmp):
+            results["sharded"].append(entry)
+            verdict = {True: "PASS", False: "FAIL", None: "info"}[entry["passed"]]
+            print(f"sharded {verdict} {entry['check']}", flush=True)
     results["seconds"] = round(time.time() - started, 1)
     results["all_parity"] = all(r["parity"] for r in results["parity"])
+    results["all_sharded"] = all(e["passed"] is not False for e in results["sharded"])
     print(json.dumps(results, indent=1))
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(results, f, indent=1)
-    sys.exit(0 if results["all_parity"] else 1)
+    sys.exit(0 if results["all_parity"] and results["all_sharded"] else 1)
 
 
 if __name__ == "__main__":
