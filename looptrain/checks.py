@@ -181,14 +181,25 @@ class DivergenceGuard:
 
     `observe` costs two tensor operations and no host synchronisation; `check` reads the flag, and the loop calls
     it only where it synchronises anyway (before a log, an evaluation or a save, and at the end), so a diverged
-    run stops at the latest at its next log and never saves a non-finite checkpoint. fp16 steps the loss scaler
-    skipped for overflow are not divergence (the loop does not observe them).
+    run stops at the latest at its next log and never saves a non-finite checkpoint. Under fp16's loss scaler a
+    non-finite gradient norm is an overflow, not divergence: there the weights are checked instead (`observe_weights`).
     """
 
     def __init__(self, device):
         self.first_bad_step = torch.tensor(-1, device=device)
+        self.what = "the gradient norm was NaN or infinite at optimizer step"
+
+    def observe_weights(self, model, step: int) -> None:
+        """Under fp16's loss scaler a non-finite gradient norm is an overflow the scaler handles (with the fused AdamW
+        it skips the update inside the kernel, where the loop cannot see it), so the weights themselves are checked
+        instead; the loop does it only where it synchronises anyway."""
+        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if not bool(finite) and int(self.first_bad_step.item()) < 0:
+            self.first_bad_step.fill_(step)
+            self.what = "the weights were NaN or infinite by optimizer step"
 
     def observe(self, grad_norm, step: int) -> None:
+        """After optimizer step `step`: remember it if its gradient norm is not finite (device ops, no sync)."""
         if grad_norm is None:
             return
         norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
@@ -206,8 +217,8 @@ class DivergenceGuard:
             f"the last checkpoint before it is {last_good_checkpoint}" if last_good_checkpoint else "no checkpoint was saved before it"
         )
         raise TrainingDiverged(
-            f"Training diverged: the gradient norm was NaN or infinite at optimizer step {step}, so the weights after it "
-            f"are not finite. Nothing after step {step - 1} was saved; {where}. Lower the learning rate (or use "
+            f"Training diverged: {self.what} {step}, so the weights after it are not finite. Nothing after step "
+            f"{step - 1} was saved; {where}. Lower the learning rate (or use "
             "max_grad_norm, warmup, bf16 instead of fp16) and resume or restart. (transformers.Trainer trains on in this "
             "case; set `raise_on_divergence = False` on a Trainer subclass for its behaviour.)"
         )

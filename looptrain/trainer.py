@@ -800,7 +800,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / steps_in_epoch
                     self._loop.grad_norm, self._loop.learning_rate = grad_norm, learning_rate  # looptrain_state.json
-                    if not step_was_skipped:
+                    if not step_was_skipped and self.accelerator.scaler is None:  # (fp16: see _stop_if_diverged)
                         self._divergence.observe(grad_norm, self.state.global_step)  # on the device, no sync
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                     if self._preemption.requested(self.accelerator):  # SIGTERM: save at this step boundary, then stop
@@ -871,6 +871,8 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), stop a run whose
         gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
         if self.raise_on_divergence and (self.control.should_log or self.control.should_evaluate or self.control.should_save):
+            if self.accelerator.scaler is not None:
+                self._divergence.observe_weights(self.model, self.state.global_step)
             self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
 
     @property

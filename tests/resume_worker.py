@@ -201,7 +201,7 @@ class WaitForSigterm(transformers.TrainerCallback):
         with open(self.ready_file, "w") as f:
             f.write(str(os.getpid()))
         deadline = time.monotonic() + 120  # a safety bound, not a measurement
-        while not getattr(self.trainer, "_sigterm_received", False) and time.monotonic() < deadline:
+        while not self.trainer._preemption.received and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -230,3 +230,47 @@ def test_the_excerpt_checker_itself():
     assert excerpt_problem(*excerpts(text)[0][1:]) is None
     assert "is not a line" in excerpt_problem("looptrain/optim.py", ["    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))", "def steps_on_metrics(scheduler) -> bool:"])
     assert "is not a line" in excerpt_problem("looptrain/optim.py", ["import nothing_of_the_kind"])
+
+
+# ------------------------------------------------------------------------------------------------ README as used
+def test_readme_links_resolve_and_install_commands_are_the_makefiles():
+    """Every local link of README resolves inside the repository, and the install steps README states are the
+    Makefile's (which `.ci/run` runs through `make test`)."""
+    readme = (ROOT / "README.md").read_text()
+    for _, target in local_links(readme):
+        resolved = (ROOT / target).resolve()
+        assert resolved.exists() and ROOT in resolved.parents or resolved == ROOT, target
+    makefile = (ROOT / "Makefile").read_text()
+    torch_spec = re.search(r"^TORCH_SPEC \?= (.+)$", makefile, re.M)[1]
+    extras = re.search(r"-c constraints.txt -e '(\.\[[\w,]+\])'\n\ttouch", makefile)[1]
+    assert f"pip install {torch_spec}" in readme
+    assert f"pip install -c constraints.txt -e '{extras}'" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text() and "make test" in readme
+
+
+def test_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
+    """README's "your own data, from Python" block, run unchanged on a tiny model saved as ./my-bert and two csv files."""
+    import runpy
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "tests"))
+    import transformers
+    from helpers import tiny_bert, wordpiece_tokenizer
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**Your own data, from Python.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    tokenizer = wordpiece_tokenizer()
+    model = tiny_bert(vocab_size=tokenizer.vocab_size)
+    model.save_pretrained("my-bert")
+    tokenizer.save_pretrained("my-bert")
+    rows = "text,label\n" + "".join(f"the cat sat on the mat {i},{i % 2}\n" for i in range(12))
+    for name in ("train.csv", "dev.csv"):
+        (tmp_path / name).write_text(rows)
+    script = tmp_path / "example.py"
+    script.write_text(block.replace('"out", eval_strategy', '"out", use_cpu=True, report_to="none", eval_strategy'))
+    assert block.count("TrainingArguments(") == 1
+    namespace = runpy.run_path(str(script))
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 6 and sum("eval_loss" in e for e in trainer.state.log_history) == 4  # 3 epochs + evaluate()
+    assert isinstance(trainer.model, transformers.BertForSequenceClassification)
