@@ -25,10 +25,12 @@ NEUTRAL = "the a cat dog sat ran on under mat rug big small red blue house tree 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def toy_tokenizer() -> transformers.PreTrainedTokenizerFast:
+def wordpiece_tokenizer(words: list[str], model_input_names: list[str] | None = None) -> transformers.PreTrainedTokenizerFast:
+    """An uncased BERT-style WordPiece tokenizer over `words` (after [PAD] [UNK] [CLS] [SEP] [MASK]), built in memory
+    and wrapped as a transformers fast tokenizer: sentence pairs get `[CLS] a [SEP] b [SEP]` and token type ids."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + HAPPY + SAD + NEUTRAL)}
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(words))}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -36,10 +38,16 @@ def toy_tokenizer() -> transformers.PreTrainedTokenizerFast:
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
+    extra = {"model_input_names": model_input_names} if model_input_names is not None else {}
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
+        mask_token="[MASK]", **extra,
     )
+
+
+def toy_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The recipes' tokenizer: happy, sad and neutral words."""
+    return wordpiece_tokenizer(HAPPY + SAD + NEUTRAL)
 
 
 def toy_sentiment(n: int, seed: int, tokenizer=None) -> Dataset:
@@ -82,13 +90,16 @@ def pad_for_causal_lm(features: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": pad("input_ids", 0), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", -100)}
 
 
-def tiny_bert(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32, dropout: float = 0.1, num_labels: int = 2):
+def tiny_bert(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32, dropout: float = 0.1, num_labels: int = 2,
+              **config_overrides):
+    """A BERT sequence classifier built from a config (any BertConfig field may be overridden), seeded."""
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
+    config = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
+    config = transformers.BertConfig(**{**config, **config_overrides})
     return transformers.BertForSequenceClassification(config)
 
 

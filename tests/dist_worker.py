@@ -31,7 +31,7 @@ import transformers
 from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import accuracy, random_token_dataset, strip_timing, tiny_bert, tiny_gpt2  # noqa: E402
+from helpers import accuracy, make_args, random_token_dataset, strip_timing, tiny_bert, tiny_gpt2  # noqa: E402
 
 import looptrain  # noqa: E402
 
@@ -57,7 +57,7 @@ def fingerprint(model) -> dict:
 
 def build(lib: str, model, output_dir: str, callbacks=None, trainer_cls=None, **kwargs):
     trainer_cls_, args_cls = LIBS[lib]
-    args = args_cls(output_dir=output_dir, use_cpu=True, report_to="none", disable_tqdm=True, **kwargs.pop("args"))
+    args = make_args(args_cls, output_dir, **kwargs.pop("args"))
     return (trainer_cls or trainer_cls_)(model=model, args=args, callbacks=callbacks, **kwargs)
 
 

@@ -7,7 +7,9 @@ import contextlib
 import copy
 import io
 import math
+import pathlib
 import random
+import sys
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from datasets import Dataset
 
 import looptrain
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+import toy  # noqa: E402  (the examples' in-process tokenizer and models)
+
 WORDS = (
     "the a cat dog sat ran on under mat rug quickly slowly big small red blue house tree bird fish "
     "saw ate found kept old new happy sad man woman child park river city car train book"
@@ -23,13 +28,8 @@ WORDS = (
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 2, vocab_size: int = 100, **overrides):
-    """The semantics doc's reference model: 2 layers, hidden 32, dropout on."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, **overrides,
-    )
-    return transformers.BertForSequenceClassification(config)
+    """The semantics doc's reference model: 2 layers, hidden 32, dropout on (examples/toy.py builds it)."""
+    return toy.tiny_bert(vocab_size, seed=seed, num_labels=num_labels, **overrides)
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64):
@@ -53,21 +53,9 @@ def random_token_dataset(n: int, seed: int, seq_len: int = 16, extra_columns: bo
 
 
 def wordpiece_tokenizer():
-    """An uncased WordPiece tokenizer built in-process (no Hub), wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
+    """An uncased WordPiece tokenizer over WORDS, built in-process (no Hub), returning token type ids for pairs
+    as BERT's does (examples/toy.py builds it)."""
+    return toy.wordpiece_tokenizer(WORDS, model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def sentence_pairs(n: int, seed: int) -> Dataset:
@@ -88,14 +76,12 @@ def sentence_pairs(n: int, seed: int) -> Dataset:
 
 
 def accuracy_f1(eval_pred):
-    """The course's compute_metrics (accuracy and F1), in numpy so it needs no Hub download."""
+    """The course's compute_metrics (accuracy and F1 of class 1, what GLUE's MRPC metric computes), locally."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     logits, labels = eval_pred
     preds = np.argmax(logits, axis=-1)
-    tp = int(((preds == 1) & (labels == 1)).sum())
-    fp = int(((preds == 1) & (labels == 0)).sum())
-    fn = int(((preds == 0) & (labels == 1)).sum())
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"accuracy": float((preds == labels).mean()), "f1": f1}
+    return {"accuracy": float(accuracy_score(labels, preds)), "f1": float(f1_score(labels, preds))}
 
 
 def accuracy(eval_pred):
@@ -120,11 +106,20 @@ def assert_same_params(a: dict, b: dict):
     assert not different, f"parameters differ bit-wise: {different[:5]}"
 
 
+# What every test run shares: the CPU, no reporting integration, no progress bar.
+BASE_ARGS = dict(use_cpu=True, report_to="none", disable_tqdm=True)
+
+
+def make_args(args_cls, output_dir, **kwargs):
+    """Training arguments of either library (`args_cls`) for a test run: BASE_ARGS, then `kwargs`."""
+    return args_cls(output_dir=str(output_dir), **{**BASE_ARGS, **kwargs})
+
+
 def run_trainer(trainer_cls, args_cls, model_fn, output_dir, train_dataset=None, eval_dataset=None, args=None,
                 trainer_kwargs=None, do_train=True):
     """Build a model, arguments and trainer of one library, train, and return (trainer, result)."""
     model = model_fn()
-    targs = args_cls(output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, **(args or {}))
+    targs = make_args(args_cls, output_dir, **(args or {}))
     kwargs = dict(trainer_kwargs or {})
     trainer = trainer_cls(model=model, args=targs, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -40,12 +40,9 @@ import transformers  # noqa: E402
 
 import looptrain  # noqa: E402
 import looptrain.checkpoint  # noqa: E402
-from helpers import TIMING_KEYS, accuracy, random_token_dataset, strip_timing, tiny_bert  # noqa: E402
+from helpers import TIMING_KEYS, accuracy, make_args, random_token_dataset, strip_timing, tiny_bert  # noqa: E402
 
-BASE_ARGS = dict(
-    per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42,
-    use_cpu=True, report_to="none", disable_tqdm=True,
-)
+RUN_ARGS = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42)
 CALLBACK_EVENTS = (
     "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end", "on_pre_optimizer_step",
     "on_optimizer_step", "on_step_end", "on_log", "on_evaluate", "on_prediction_step", "on_save", "on_epoch_end",
@@ -208,7 +205,7 @@ class WaitForSigterm(transformers.TrainerCallback):
 # ------------------------------------------------------------------------------------------------ a run
 def build_trainer(spec: dict, callbacks: list):
     lib = looptrain if spec.get("lib", "looptrain") == "looptrain" else transformers
-    args = lib.TrainingArguments(output_dir=spec["output_dir"], **{**BASE_ARGS, **spec.get("args", {})})
+    args = make_args(lib.TrainingArguments, spec["output_dir"], **{**RUN_ARGS, **spec.get("args", {})})
     if spec.get("early_stopping"):
         callbacks = [transformers.EarlyStoppingCallback(**spec["early_stopping"])] + callbacks
     return lib.Trainer(

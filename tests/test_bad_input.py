@@ -18,13 +18,13 @@ import transformers
 from datasets import Dataset
 
 import looptrain
-from helpers import accuracy, random_token_dataset, run_trainer, strip_timing, tiny_bert, tiny_gpt2, wordpiece_tokenizer
+from helpers import accuracy, random_token_dataset, run_trainer, strip_timing, tiny_bert, tiny_gpt2, wordpiece_tokenizer, make_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(tmp_path, **kwargs):
-    return looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=True, report_to="none", **kwargs)
+    return make_args(looptrain.TrainingArguments, tmp_path, **kwargs)
 
 
 def checkpoints(folder) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 import transformers
 
 import looptrain
-from helpers import accuracy, assert_parity, random_token_dataset, run_both, strip_timing, tiny_bert, tiny_gpt2
+from helpers import accuracy, assert_parity, assert_same_params, make_args, random_token_dataset, run_both, strip_timing, tiny_bert, tiny_gpt2
 from looptrain.checkpoint import last_checkpoint
 from resume_worker import Server, checkpoint_fingerprint, read_result
 
@@ -129,10 +129,7 @@ def assert_same_run(resumed: Run, uninterrupted: Run):
     assert len(a) == len(b), f"{len(a)} vs {len(b)} log entries:\n{a}\n{b}"
     for i, (x, y) in enumerate(zip(a, b)):
         assert x == y, f"log entry {i} differs:\n  uninterrupted: {x}\n  resumed:       {y}"
-    wa, wb = uninterrupted.weights, resumed.weights
-    assert wa.keys() == wb.keys()
-    different = [n for n in wa if not torch.equal(wa[n], wb[n])]
-    assert not different, f"final parameters differ bit-wise: {different[:5]}"
+    assert_same_params(uninterrupted.weights, resumed.weights)
 
 
 def differs(resumed: Run, uninterrupted: Run) -> bool:
@@ -503,8 +500,7 @@ def test_sigterm_handler_is_restored_after_train(tmp_path):
 
 # ============================================================================================ no code from files
 def _trainer(tmp_path, model=None, **args):
-    targs = looptrain.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, use_cpu=True,
-                                        report_to="none", disable_tqdm=True, logging_steps=1, **args)
+    targs = make_args(looptrain.TrainingArguments, tmp_path / "out", per_device_train_batch_size=8, logging_steps=1, **args)
     return looptrain.Trainer(model=model or tiny_bert(), args=targs, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
 
 
@@ -514,8 +510,8 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
     for lib, mod in (("looptrain", looptrain), ("transformers", transformers)):
-        args = mod.TrainingArguments(output_dir=str(root / lib), per_device_train_batch_size=8, max_steps=3, save_steps=2,
-                                     logging_steps=1, use_cpu=True, report_to="none", disable_tqdm=True)
+        args = make_args(mod.TrainingArguments, root / lib, per_device_train_batch_size=8, max_steps=3, save_steps=2,
+                         logging_steps=1)
         trainer = mod.Trainer(model=tiny_bert(), args=args, train_dataset=TRAIN)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()

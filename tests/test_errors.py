@@ -11,11 +11,11 @@ import transformers
 from datasets import Dataset
 
 import looptrain
-from helpers import accuracy, random_token_dataset, tiny_bert
+from helpers import accuracy, random_token_dataset, tiny_bert, make_args
 
 
 def _args(tmp_path, **kwargs):
-    return looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, disable_tqdm=True, **kwargs)
+    return make_args(looptrain.TrainingArguments, tmp_path, **kwargs)
 
 
 def test_no_labels_and_no_loss_function(tmp_path):

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import looptrain
-from helpers import assert_parity, params_of, random_token_dataset, run_both, run_trainer, strip_timing, tiny_bert
+from helpers import assert_parity, make_args, params_of, random_token_dataset, run_both, run_trainer, strip_timing, tiny_bert
 
 TRAIN = random_token_dataset(32, 3)
 
@@ -97,10 +97,7 @@ def test_multi_process_loss_scaling_warns_like_accumulation(tmp_path, monkeypatc
     by the number of processes (Trainer's behaviour, kept); train() says so once, naming the fix."""
     import warnings
 
-    from helpers import random_token_dataset, tiny_bert
-
-    args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=1, save_strategy="no",
-                                       report_to="none", disable_tqdm=True)
+    args = make_args(looptrain.TrainingArguments, tmp_path, max_steps=1, save_strategy="no")
     trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=random_token_dataset(8, 0))
     monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))  # what `accelerate launch` would report
     with warnings.catch_warnings(record=True) as caught:

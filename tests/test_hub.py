@@ -26,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import looptrain
 from fake_hub import USER, FakeHub
-from helpers import random_token_dataset, strip_timing, tiny_bert, wordpiece_tokenizer
+from helpers import random_token_dataset, strip_timing, tiny_bert, wordpiece_tokenizer, make_args
 
 TRAIN, EVAL = random_token_dataset(16, 1), random_token_dataset(8, 2)
 LIBS = {"hf": (transformers.Trainer, transformers.TrainingArguments), "lt": (looptrain.Trainer, looptrain.TrainingArguments)}
@@ -61,7 +61,7 @@ def make_trainer(lib, tmp_path, callbacks=(), model=None, **overrides):
     trainer_cls, args_cls = LIBS[lib]
     args = dict(per_device_train_batch_size=8, max_steps=2, save_steps=1, logging_steps=1, seed=3, push_to_hub=True)
     args.update(overrides)
-    targs = args_cls(output_dir=str(tmp_path / lib / "model"), use_cpu=True, report_to="none", disable_tqdm=True, **args)
+    targs = make_args(args_cls, tmp_path / lib / "model", **args)
     return trainer_cls(
         model=model if model is not None else tiny_bert(), args=targs, train_dataset=TRAIN, eval_dataset=EVAL,
         processing_class=wordpiece_tokenizer(), callbacks=list(callbacks),

@@ -14,6 +14,7 @@ import transformers
 
 import looptrain
 from helpers import (
+    make_args,
     run_trainer,
     accuracy,
     accuracy_f1,
@@ -236,8 +237,7 @@ def test_evaluate_and_predict_parity(tmp_path, trained):
     results = []
     for trainer_cls, args_cls, sub in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
                                        (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
-        args = args_cls(output_dir=str(tmp_path / sub), use_cpu=True, report_to="none", disable_tqdm=True,
-                        per_device_eval_batch_size=4, num_train_epochs=1, save_strategy="no")
+        args = make_args(args_cls, tmp_path / sub, per_device_eval_batch_size=4, num_train_epochs=1, save_strategy="no")
         trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
         if trained:
             trainer.train()
@@ -350,8 +350,7 @@ def test_train_twice_and_evaluate_before_training(tmp_path):
     results = []
     for trainer_cls, args_cls, sub in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
                                        (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
-        args = args_cls(output_dir=str(tmp_path / sub), use_cpu=True, report_to="none", disable_tqdm=True,
-                        logging_steps=1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no")
+        args = make_args(args_cls, tmp_path / sub, logging_steps=1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no")
         trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
         trainer.evaluate()
         trainer.train()

@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import load_file
 
 import looptrain
-from helpers import accuracy, assert_same_params, random_token_dataset, strip_timing, tiny_bert
+from helpers import accuracy, assert_same_params, random_token_dataset, strip_timing, tiny_bert, make_args
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -55,7 +55,7 @@ def make_trainer(lib, tmp_path, model_init, compute_metrics=None, **overrides):
     trainer_cls, args_cls = LIBS[lib]
     args = dict(max_steps=2, eval_strategy="steps", eval_steps=1, save_steps=1, logging_steps=1, seed=3)
     args.update(overrides)
-    targs = args_cls(output_dir=str(tmp_path / lib), use_cpu=True, report_to="none", disable_tqdm=True, **args)
+    targs = make_args(args_cls, tmp_path / lib, **args)
     return trainer_cls(model_init=model_init, args=targs, train_dataset=TRAIN, eval_dataset=EVAL,
                        compute_metrics=compute_metrics)
 

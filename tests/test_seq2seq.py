@@ -26,7 +26,7 @@ import transformers
 from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
 import looptrain
-from helpers import TIMING_KEYS, assert_parity, assert_same_params, params_of
+from helpers import TIMING_KEYS, assert_parity, assert_same_params, params_of, make_args
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -93,7 +93,7 @@ def run(library, tmp_path, args, model_fn=t5, do_train=True, predict_kwargs=None
     """Train with one library, then evaluate (when asked) and predict; return (trainer, train result, outputs)."""
     trainer_cls, args_cls = LIBRARIES[library]
     model = model_fn()
-    targs = args_cls(output_dir=str(tmp_path / library), use_cpu=True, report_to="none", disable_tqdm=True, **args)
+    targs = make_args(args_cls, tmp_path / library, **args)
     kwargs = dict(train_dataset=TRAIN, eval_dataset=EVAL, processing_class=TOKENIZER, compute_metrics=decoded_metrics_and_checksum)
     kwargs["data_collator"] = DataCollatorForSeq2Seq(TOKENIZER, model=model)  # builds decoder_input_ids
     trainer = trainer_cls(model=model, args=targs, **{**kwargs, **trainer_kwargs})
