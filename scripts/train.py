@@ -178,6 +178,8 @@ def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except (ValueError, TypeError) as err:  # TrainingArguments' own checks
         raise JobError(str(err).splitlines()[0]) from None
+    except NotImplementedError as err:  # a setting looptrain refuses by name (looptrain.training_args.unsupported_settings)
+        raise JobError(" ".join(line.strip(" -") for line in str(err).splitlines())) from None
     if rest:
         raise JobError(_unrecognized(rest[0], {opt: a.dest for a in parser._actions for opt in a.option_strings if opt.startswith("--")}))
 

@@ -534,3 +534,9 @@ def test_minilm_alias_on_glue_mrpc_files(tmp_path):
                           "--validation_file", dev, "--max_train_samples", "16", "--max_eval_samples", "16",
                           "--output_dir", str(tmp_path / "out"), *FAST])
     assert {"eval_accuracy", "eval_f1", "eval_combined_score"} <= set(metrics)
+
+
+def test_a_setting_looptrain_does_not_implement_is_one_line_naming_it(tmp_path, capsys):
+    """Not a typo, not a traceback: "Not implemented by looptrain", the setting, and what to do instead."""
+    err = cli_error(["--fsdp_config", '{"xla": true}', "--output_dir", str(tmp_path / "out")], capsys)
+    assert err.startswith("train.py: error: Not implemented by looptrain: fsdp_config=") and "accelerate" in err

@@ -130,3 +130,21 @@ def test_iterable_dataset_needs_max_steps(tmp_path):
         looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=Stream())
     trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=3, save_strategy="no"), train_dataset=Stream())
     assert trainer.train().global_step == 3
+
+
+def test_a_resumed_run_says_where_it_resumes(tmp_path, caplog):
+    """One line at WARNING (visible at transformers' default verbosity): the checkpoint, the step, the epoch and the
+    batches skipped."""
+    args = dict(max_steps=4, save_steps=1, per_device_train_batch_size=4, logging_steps=1)
+    first = looptrain.Trainer(tiny_bert(), _args(tmp_path, **args), train_dataset=random_token_dataset(24, 0))
+    first.train()  # 6 batches per epoch: checkpoint-2 is mid-epoch, after 2 batches
+    resumed = looptrain.Trainer(tiny_bert(), _args(tmp_path, **args), train_dataset=random_token_dataset(24, 0))
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    finally:
+        transformers.logging.disable_propagation()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
+    assert lines == [f"Resuming from {tmp_path / 'checkpoint-2'} at step 2, epoch 0: skipping the 2 batches of that "
+                     "epoch already trained on."]
