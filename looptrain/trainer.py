@@ -306,6 +306,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self.hp_search_backend = None
         self._trial = None
         self.current_flos = 0  # this process's FLOPs since the last store_flos()
+        self._flops_model = self._flops_params = None  # the model whose parameters floating_point_ops counted
         self._signature_columns = None  # the model's forward arguments, read once (data.py)
         self._train_batch_size = args.train_batch_size  # auto_find_batch_size may lower it
         self._created_lr_scheduler = False
@@ -1026,7 +1027,11 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         """Trainer's estimate: 6 x tokens x non-embedding parameters."""
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input in inputs and hasattr(self.model, "num_parameters"):
-            return 6 * inputs[main_input].numel() * self.model.num_parameters(exclude_embeddings=True)
+            # Performance: Trainer counts the parameters again for every micro-batch (a walk over the whole model,
+            # 0.7 ms per step for a 2-layer BERT on a CPU, docs/performance.md); the count is kept per model.
+            if self._flops_model is not self.model:
+                self._flops_model, self._flops_params = self.model, self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main_input].numel() * self._flops_params
         return 0
 
     # ========================================================================================= step helpers
