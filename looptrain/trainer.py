@@ -1029,6 +1029,9 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         if main_input in inputs and hasattr(self.model, "num_parameters"):
             # Performance: Trainer counts the parameters again for every micro-batch (a walk over the whole model,
             # 0.7 ms per step for a 2-layer BERT on a CPU, docs/performance.md); the count is kept per model.
+            # Not under DeepSpeed: ZeRO-3 partitions the parameters, and the count Trainer logs follows them.
+            if self.is_deepspeed_enabled:
+                return 6 * inputs[main_input].numel() * self.model.num_parameters(exclude_embeddings=True)
             if self._flops_model is not self.model:
                 self._flops_model, self._flops_params = self.model, self.model.num_parameters(exclude_embeddings=True)
             return 6 * inputs[main_input].numel() * self._flops_params
