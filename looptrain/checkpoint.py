@@ -27,12 +27,14 @@ What looptrain does that Trainer 5.24 does not:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -892,18 +894,12 @@ def _fsync_path(path: str) -> None:
 
 
 # ============================================================================================== small helpers
+@contextlib.contextmanager
 def _caught_warnings():
     """Trainer: torch's scheduler-saving warnings are re-issued once, not per save (`reissue_pt_warnings`)."""
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def context():
-        with warnings.catch_warnings(record=True) as caught:
-            yield
-        reissue_pt_warnings(caught)
-
-    return context()
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    reissue_pt_warnings(caught)
 
 
 def _accepts_exclude_frozen(engine) -> bool:

@@ -495,6 +495,11 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
             if saved_batch_size is not None and args.auto_find_batch_size:
                 self._train_batch_size = saved_batch_size  # Trainer: the batch size that fitted before
 
+        # looptrain: labels outside the model's classes, sequences longer than its positions, said before any step.
+        eval_sets = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
+        for description, dataset in [("training", self.train_dataset), *eval_sets]:
+            checks.check_dataset_fits_model(self.model, dataset, self.data_collator, self.label_names, description)
+
         # Trainer: under auto_find_batch_size an out-of-memory error restarts the loop with 90% of the batch size.
         inner_training_loop = find_executable_batch_size(
             self._inner_training_loop, self._train_batch_size, args.auto_find_batch_size
@@ -511,10 +516,6 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         if args.auto_find_batch_size:
             self._update_auto_batch_size(batch_size)
         train_dataloader = self.get_train_dataloader()
-        # looptrain: labels outside the model's classes, sequences longer than its positions, said before any step.
-        eval_sets = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
-        for description, dataset in [("training", self.train_dataset), *eval_sets]:
-            checks.check_dataset_fits_model(self.model, dataset, self.data_collator, self.label_names, description)
 
         # ---- 1. Plan the run: micro-batches per epoch, optimizer steps per epoch and in all, epochs.
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
@@ -838,8 +839,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
     def _finalize_training(self, trial, num_train_samples, start_time) -> TrainOutput:
         """The summary log (Trainer's `train_loss` is the mean of the losses of this call), the best model,
         `on_train_end`."""
-        if self.raise_on_divergence:  # no diverged model is returned
-            self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
+        self._stop_if_diverged(trial, at_the_end=True)  # no diverged model is returned
         self._total_loss_scalar += self._tr_loss.item()
         num_steps = self.state.global_step - self._initial_global_step
         train_loss = self._total_loss_scalar / max(num_steps, 0.001)
@@ -868,10 +868,11 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self.is_in_train = False
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
-    def _stop_if_diverged(self, trial) -> None:
-        """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), stop a run whose
-        gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
-        if self.raise_on_divergence and (self.control.should_log or self.control.should_evaluate or self.control.should_save):
+    def _stop_if_diverged(self, trial, at_the_end: bool = False) -> None:
+        """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), and at the end, stop
+        a run whose gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
+        due = at_the_end or self.control.should_log or self.control.should_evaluate or self.control.should_save
+        if self.raise_on_divergence and due:
             if self.accelerator.scaler is not None:
                 self._divergence.observe_weights(self.model, self.state.global_step)
             self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import os
 import warnings
 from dataclasses import fields
 
