@@ -43,7 +43,7 @@ class DataMixin:
         """The training DataLoader: shuffled (seeded), collated, prepared by accelerate."""
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset.")
-        if has_length(self.train_dataset) and len(self.train_dataset) == 0:  # Trainer: torch's RandomSampler error
+        if has_length(self.train_dataset) and len(self.train_dataset) == 0:  # looptrain: Trainer fails in RandomSampler
             raise ValueError("The training dataset is empty: there is nothing to train on.")
         return self._get_dataloader(
             dataset=self.train_dataset,
@@ -271,4 +271,6 @@ class ColumnCheckingCollator:
             raise
 
     def __getattr__(self, name):  # a collator's own attributes (tokenizer, ...) stay reachable
+        if "collator" not in self.__dict__:  # being unpickled (DataLoader workers with spawn): no attributes yet
+            raise AttributeError(name)
         return getattr(self.__dict__["collator"], name)

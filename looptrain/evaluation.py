@@ -128,7 +128,7 @@ class EvaluationMixin:
             from transformers.integrations.deepspeed import deepspeed_init
 
             deepspeed_init(self, num_training_steps=0, inference=True)
-        model = self._wrap_model(self.model, training=False)  # no DDP needed under no_grad; DataParallel is
+        model = self._wrap_model(self.model, training=False)  # Trainer: DataParallel if n_gpu > 1; no DDP under no_grad
         if len(self.accelerator._models) == 0 and model is self.model:
             # Trainer: evaluating before training prepares the model here, and reports how long it took.
             start = time.time()

@@ -148,3 +148,13 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
     assert lines == [f"Resuming from {tmp_path / 'checkpoint-2'} at step 2, epoch 0: skipping the 2 batches of that "
                      "epoch already trained on."]
+
+
+def test_the_column_checking_collator_pickles(tmp_path):
+    """DataLoader workers started with spawn (the default on macOS) receive the collator pickled."""
+    import pickle
+
+    from looptrain.data import ColumnCheckingCollator
+
+    collator = pickle.loads(pickle.dumps(ColumnCheckingCollator(transformers.default_data_collator, ["text"], "Bert")))
+    assert collator.removed == {"text"} and collator.collator is transformers.default_data_collator
