@@ -10,6 +10,7 @@ loop synchronises anyway (a log, an evaluation, a save).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -141,6 +142,19 @@ def position_limit(model) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ at the first failure
+@contextlib.contextmanager
+def explaining_errors(accelerator, model, inputs):
+    """Around a forward (and backward): torch's IndexError/RuntimeError for out-of-range labels or too-long sequences
+    becomes an error that says so (`explain_forward_error`); any other error passes unchanged."""
+    try:
+        yield
+    except (IndexError, RuntimeError) as err:
+        clearer = explain_forward_error(err, accelerator.unwrap_model(model), inputs)
+        if clearer is None:
+            raise
+        raise clearer from err
+
+
 def explain_forward_error(err: BaseException, model, inputs) -> Exception | None:
     """A clearer error for what torch raises on out-of-range labels or too-long sequences; None if it is neither."""
     text = str(err)

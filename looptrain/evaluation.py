@@ -34,7 +34,7 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import logging
 
-from .checks import explain_forward_error
+from .checks import explaining_errors
 from .optim import steps_on_metrics
 
 logger = logging.get_logger(__name__)
@@ -169,13 +169,8 @@ class EvaluationMixin:
                 observed += observed_batch
                 if batch_size is None:  # a batch sampler: the size is known only now
                     batch_size = observed_batch
-            try:
+            with explaining_errors(self.accelerator, model, inputs):  # looptrain: name out-of-range labels, long inputs
                 losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-            except (IndexError, RuntimeError) as err:  # looptrain: say what torch's error means
-                clearer = explain_forward_error(err, self.accelerator.unwrap_model(model), inputs)
-                if clearer is None:
-                    raise
-                raise clearer from err
             main_input = getattr(self.model, "main_input_name", "input_ids")
             inputs_decode = self._prepare_input(inputs[main_input]) if "inputs" in args.include_for_metrics else None
             labels_seen = labels_seen or labels is not None

@@ -761,14 +761,9 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                     sync_context = contextlib.nullcontext()
                 else:
                     sync_context = self.accelerator.no_sync(model=model)
-                with sync_context:
-                    try:
-                        tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
-                    except (IndexError, RuntimeError) as err:  # looptrain: say what torch's error means
-                        clearer = checks.explain_forward_error(err, self.accelerator.unwrap_model(model), inputs)
-                        if clearer is None:
-                            raise
-                        raise clearer from err
+                # looptrain: out-of-range labels and too-long sequences are named, not left to torch's message
+                with sync_context, checks.explaining_errors(self.accelerator, model, inputs):
+                    tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
 
                 if args.logging_nan_inf_filter:
                     # Trainer: a NaN/Inf step loss counts as the running mean instead. The same values as Trainer's
