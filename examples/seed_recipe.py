@@ -26,7 +26,7 @@ evaluation every epoch) and writes checkpoints to ./test-trainer.
 
     python examples/seed_recipe.py                                # online: the course's run, 2 x 3 epochs
     python examples/seed_recipe.py --data MRPC                    # offline: local files (and MiniLM, if installed)
-    python examples/seed_recipe.py --data MRPC --max_train_samples 40 --max_eval_samples 16   # a one-minute check
+    python examples/seed_recipe.py --data MRPC --max_train_samples 40 --max_eval_samples 16   # a quick check
 """
 
 from __future__ import annotations
