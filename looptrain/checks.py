@@ -92,7 +92,15 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
     # labels: one class index per example (sequence classification) or per token (token classification)
     label_column = next((c for c in ("label", "labels", *label_names) if c in dataset.column_names), None)
     num_labels = getattr(config, "num_labels", None)
-    per_example = name.endswith("ForSequenceClassification") and getattr(config, "problem_type", None) in (None, "single_label_classification")
+    if labels_unchanged:  # text labels, one float per example for several classes (validation.py)
+        from .validation import check_label_types
+
+        check_label_types(model, dataset, label_names, description)
+    # Trainer: num_labels=1 with no problem_type is a regression, whose scores may be integers (STS-B's 0..5)
+    problem_type = getattr(config, "problem_type", None)
+    per_example = name.endswith("ForSequenceClassification") and (
+        problem_type == "single_label_classification" or (problem_type is None and (num_labels or 0) > 1)
+    )
     per_token = name.endswith("ForTokenClassification")
     if labels_unchanged and label_column is not None and num_labels and (per_example or per_token):
         column = table.column(label_column)
@@ -143,16 +151,22 @@ def position_limit(model) -> int | None:
 
 # ------------------------------------------------------------------------------------------ at the first failure
 @contextlib.contextmanager
-def explaining_errors(accelerator, model, inputs):
-    """Around a forward (and backward): torch's IndexError/RuntimeError for out-of-range labels or too-long sequences
-    becomes an error that says so (`explain_forward_error`); any other error passes unchanged."""
+def explaining_errors(accelerator, model, inputs, trainer=None):
+    """Around a forward (and backward): torch's IndexError/RuntimeError/ValueError for out-of-range labels, too-long
+    sequences, labels of the wrong shape or a loss that reaches no parameter becomes an error that says so
+    (`explain_forward_error`); any other error passes unchanged. With `trainer` (training), the first backward is
+    checked for a gradient on what the optimizer updates (`validation.check_first_backward`)."""
     try:
         yield
-    except (IndexError, RuntimeError) as err:
+    except (IndexError, RuntimeError, ValueError) as err:
         clearer = explain_forward_error(err, accelerator.unwrap_model(model), inputs)
         if clearer is None:
             raise
         raise clearer from err
+    if trainer is not None:
+        from .validation import check_first_backward
+
+        check_first_backward(trainer, model)
 
 
 def explain_forward_error(err: BaseException, model, inputs) -> Exception | None:
@@ -169,6 +183,27 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
             f"A batch has label {high}, but {name} has num_labels={num_labels} (classes 0..{num_labels - 1}): {text}. "
             f"Load the model with the number of classes of your data (from_pretrained(..., num_labels=...)), or map "
             f"the labels to 0..{num_labels - 1}."
+        )
+    if "does not require grad and does not have a grad_fn" in text:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return RuntimeError(
+            f"The training loss is not connected to any trainable parameter ({trainable:,} of {name}'s "
+            f"{sum(p.numel() for p in model.parameters()):,} weights require grad): {text}. Either every parameter is "
+            "frozen (set requires_grad=True on what should learn), or the loss was detached from the model's outputs "
+            "(.detach(), .item(), torch.no_grad() or a new tensor in compute_loss / compute_loss_func)."
+        )
+    if "grad can be implicitly created only for scalar outputs" in text:
+        return RuntimeError(
+            f"The training loss is not a single number: {text}. {name} (or compute_loss / compute_loss_func) returned a "
+            "tensor of several values where the loss is expected, e.g. per-example losses, or logits because the batch "
+            "had no labels (a tuple output's first item is taken as the loss). Return the mean loss, or pass labels."
+        )
+    if "Target size" in text and "must be the same as input size" in text and torch.is_tensor(labels):
+        return ValueError(
+            f"The labels do not fit {name}'s head: labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
+            f"num_labels={num_labels}, problem_type={getattr(config, 'problem_type', None)!r}: {text}. Float labels make a "
+            "classification model multi-label (one float per class per example); for one class per example give "
+            "integer labels (dataset.cast_column('label', datasets.Value('int64'))), for a score num_labels=1."
         )
     main_input = getattr(model, "main_input_name", "input_ids")
     ids = inputs.get(main_input) if hasattr(inputs, "get") else None
