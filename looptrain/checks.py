@@ -57,6 +57,9 @@ def check_process_group(accelerator) -> None:
             f"{wanted} configuration needs devices this machine lacks. On CPUs, launch with `accelerate launch "
             "--multi_gpu --num_processes N` (gloo) or a DDP config with use_cpu: true; or run one process."
         )
+    from .validation import warn_if_fewer_processes_than_asked
+
+    warn_if_fewer_processes_than_asked(accelerator)  # the opposite: fewer processes than the launch asked for
 
 
 def check_mixed_precision(args, accelerator) -> None:

@@ -204,7 +204,7 @@ def check_first_backward(trainer, model) -> None:
     optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
     if optimizer is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or "lomo" in optim:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if params and all(p.grad is None for p in params):
         name = type(trainer.accelerator.unwrap_model(model)).__name__
         raise RuntimeError(
@@ -252,3 +252,57 @@ def check_constructor_inputs(trainer, callbacks) -> None:
     if not trainer.is_deepspeed_enabled:  # DeepSpeed's engine may wrap the optimizer and scheduler it is given
         check_optimizers(trainer.model, trainer.optimizer, trainer.lr_scheduler)
     check_output_dir(trainer.args)
+
+
+# ------------------------------------------------------------------------------------------ the launch
+def launcher_asked_processes() -> int | None:
+    """How many processes `accelerate launch` was asked for (its --num_processes, or its config file's), read from
+    the launcher's command line; None when that is not known (not launched by accelerate, not Linux) or when the
+    launcher set WORLD_SIZE (then `checks.check_process_group` compares)."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if "launch" not in argv or not any(os.path.basename(a).startswith("accelerate") or a.startswith("accelerate.") for a in argv):
+        return None
+    value = _flag(argv, "num_processes")
+    if value is None and _flag(argv, "config_file") is not None:
+        try:
+            import yaml
+
+            with open(_flag(argv, "config_file")) as f:
+                value = (yaml.safe_load(f) or {}).get("num_processes")
+        except Exception:  # noqa: BLE001 - an unreadable config: nothing to compare
+            return None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    value = None
+    for i, arg in enumerate(argv):
+        key, eq, rest = arg.partition("=")
+        if key in (f"--{name}", f"--{name.replace('_', '-')}"):
+            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if arg.endswith((".py", "-m")) and i > argv.index("launch"):
+            break  # the script's own flags follow
+    return value
+
+
+def warn_if_fewer_processes_than_asked(accelerator) -> None:
+    """`accelerate launch --cpu --num_processes 2` runs the script once (accelerate starts several CPU processes only
+    through mpirun): said, with the fix, instead of a run that quietly uses one process."""
+    asked = launcher_asked_processes()
+    if asked is not None and asked > accelerator.num_processes:
+        logger.warning(
+            f"accelerate launch was asked for {asked} processes (--num_processes {asked}), but {accelerator.num_processes} "
+            f"started: with --cpu, accelerate starts several processes only through mpirun (--mpirun_hostfile), and "
+            f"otherwise runs the script once. This run trains on {accelerator.num_processes} process. For {asked} CPU "
+            f"processes over gloo launch `accelerate launch --multi_gpu --num_processes {asked} ...` (accelerate falls back "
+            f"to CPUs without GPUs), or `torchrun --nproc_per_node {asked} ...`."
+        )
