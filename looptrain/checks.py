@@ -96,9 +96,9 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
     label_column = next((c for c in ("label", "labels", *label_names) if c in dataset.column_names), None)
     num_labels = getattr(config, "num_labels", None)
     if labels_unchanged:  # text labels, one float per example for several classes (validation.py)
-        from .validation import check_label_types
+        from .validation import check_columns
 
-        check_label_types(model, dataset, label_names, description)
+        check_columns(model, dataset, collator, label_names, description)
     # Trainer: num_labels=1 with no problem_type is a regression, whose scores may be integers (STS-B's 0..5)
     problem_type = getattr(config, "problem_type", None)
     per_example = name.endswith("ForSequenceClassification") and (
@@ -200,6 +200,13 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
             f"The training loss is not a single number: {text}. {name} (or compute_loss / compute_loss_func) returned a "
             "tensor of several values where the loss is expected, e.g. per-example losses, or logits because the batch "
             "had no labels (a tuple output's first item is taken as the loss). Return the mean loss, or pass labels."
+        )
+    if "to match target batch_size" in text and torch.is_tensor(labels):
+        return ValueError(
+            f"The labels do not fit {name}'s output: labels of shape {tuple(labels.shape)}, and the loss compares them "
+            f"with one prediction per {'token' if 'TokenClassification' in name or 'LM' in name else 'example'}: {text}. "
+            "Sequence classifiers take one label per example, token classifiers and language models one per token (a "
+            "collator such as DataCollatorForLanguageModeling makes token labels): give the model the labels of its task."
         )
     if "Target size" in text and "must be the same as input size" in text and torch.is_tensor(labels):
         return ValueError(

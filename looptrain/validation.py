@@ -10,6 +10,7 @@ step, from facts that cost no device synchronisation (`p.grad is None`, `loss.re
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -22,9 +23,26 @@ logger = logging.get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ arguments
+_VERB = {"logging_steps": "log", "save_steps": "save", "eval_steps": "evaluate"}
+
 def check_argument_values(args) -> None:
     """Values transformers.TrainingArguments accepts that cannot mean anything; torch or numpy would fail on them
     later, deep inside the optimizer or the seeding, with a message that does not name the argument."""
+    for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                 "label_smoothing_factor", "num_train_epochs", "warmup_steps"):
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not a finite number; give a real value (see its default, "
+                             f"TrainingArguments.{name}).")
+    for name, strategy in (("logging_steps", "logging_strategy"), ("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+        value = getattr(args, name)
+        if str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps" and value is not None and value < 0 or (
+            name == "save_steps" and value == 0 and str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
+        ):
+            raise ValueError(
+                f"{name}={value} with {strategy}='steps' would never {_VERB[name]} (transformers.Trainer then "
+                f"silently never does). Give {name} a number of steps (or a ratio of the run below 1), or set {strategy}='no'."
+            )
     if args.learning_rate < 0:
         raise ValueError(
             f"learning_rate={args.learning_rate} is negative: the optimizer would climb the loss (torch refuses it when "
@@ -215,6 +233,39 @@ def check_first_backward(trainer, model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ datasets
+def check_columns(model, dataset, collator, label_names, description: str) -> None:
+    """What a collator that passes columns through (transformers' own) hands the model: its main input, and labels
+    of a type its loss takes (`check_label_types`)."""
+    import transformers
+
+    features = getattr(dataset, "features", None) or {}
+    main_input = getattr(model, "main_input_name", "input_ids")
+    own_model = type(model).__module__.startswith("transformers.")
+    if own_model and features and main_input not in features and "inputs_embeds" not in features:
+        text = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        hint = (f"tokenize it first: dataset.map(lambda e: tokenizer(e[{text[0]!r}], truncation=True), batched=True)"
+                if text else f"give it a {main_input!r} column")
+        raise ValueError(
+            f"The {description} dataset has no {main_input!r} column (it has {', '.join(features)}), which "
+            f"{type(model).__name__} needs as its input: {hint}."
+        )
+    fixed_length = collator is transformers.default_data_collator or type(collator) is transformers.DefaultDataCollator
+    column = dataset.data.column(main_input) if fixed_length and main_input in features else None
+    if column is not None and str(column.type).startswith(("list", "large_list")) and len(column):
+        import pyarrow.compute as pc
+
+        extremes = pc.min_max(pc.list_value_length(column))
+        low, high = extremes["min"].as_py(), extremes["max"].as_py()
+        if low != high:
+            raise ValueError(
+                f"The {description} dataset's {main_input!r} sequences have {low} to {high} tokens, and "
+                f"{getattr(collator, '__name__', type(collator).__name__)} does not pad, so examples of different lengths "
+                "cannot form a batch. Pass processing_class=tokenizer (Trainer then pads with DataCollatorWithPadding), "
+                "or data_collator=DataCollatorWithPadding(tokenizer), or tokenize with padding='max_length'."
+            )
+    check_label_types(model, dataset, label_names, description)
+
+
 def check_label_types(model, dataset, label_names, description: str) -> None:
     """A `datasets.Dataset` handed to a collator that passes labels through unchanged: labels the model's loss can
     take. Text labels (a CSV read from Python keeps them as strings) and one float per example for a classification
@@ -249,6 +300,9 @@ def check_label_types(model, dataset, label_names, description: str) -> None:
 def check_constructor_inputs(trainer, callbacks) -> None:
     """`Trainer(...)`'s own inputs, before the callbacks are instantiated and the output folder is created."""
     check_callbacks(callbacks)
+    if not callable(trainer.data_collator):
+        raise TypeError(f"data_collator={trainer.data_collator!r} is not callable: pass a function or an object with "
+                        "__call__ (e.g. DataCollatorWithPadding(tokenizer)), or None for Trainer's default.")
     if not trainer.is_deepspeed_enabled:  # DeepSpeed's engine may wrap the optimizer and scheduler it is given
         check_optimizers(trainer.model, trainer.optimizer, trainer.lr_scheduler)
     check_output_dir(trainer.args)
