@@ -571,8 +571,9 @@ def cli(argv=None, trainer_cls=None):
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except Preempted as stop:
-        print(f"train.py: {stop}. The checkpoint is {stop.checkpoint}; the final model, evaluation and prediction were "
-              f"skipped. Resume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once, from the main process
+            print(f"train.py: {stop}. The checkpoint is {stop.checkpoint}; the final model, evaluation and prediction were "
+                  f"skipped. Resume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
         checkpoint = _last_checkpoint(_RUNNING["output_dir"]) if _RUNNING.get("output_dir") else None
