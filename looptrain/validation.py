@@ -207,9 +207,8 @@ def check_before_training(trainer) -> None:
 
 def _default(trainer, name: str) -> bool:
     """Whether `name` is looptrain's own method (a subclass that overrides it may build any optimizer)."""
-    from .trainer import Trainer
-
-    return getattr(type(trainer), name) is getattr(Trainer, name)
+    owner = next((c for c in type(trainer).__mro__ if name in vars(c)), None)
+    return owner is not None and owner.__module__.startswith("looptrain.")
 
 
 def check_first_backward(trainer, model) -> None:
