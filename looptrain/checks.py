@@ -95,10 +95,6 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
     # labels: one class index per example (sequence classification) or per token (token classification)
     label_column = next((c for c in ("label", "labels", *label_names) if c in dataset.column_names), None)
     num_labels = getattr(config, "num_labels", None)
-    if labels_unchanged:  # text labels, one float per example for several classes (validation.py)
-        from .validation import check_columns
-
-        check_columns(model, dataset, collator, label_names, description)
     # Trainer: num_labels=1 with no problem_type is a regression, whose scores may be integers (STS-B's 0..5)
     problem_type = getattr(config, "problem_type", None)
     per_example = name.endswith("ForSequenceClassification") and (
@@ -136,6 +132,10 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
                     f"embeddings cover {limit} (config.max_position_embeddings). Tokenize with truncation=True, "
                     f"max_length={limit}, or drop the longer examples."
                 )
+    if labels_unchanged:  # the model's input, text labels, unpadded lengths, one float per example (validation.py)
+        from .validation import check_columns
+
+        check_columns(model, dataset, collator, label_names, description)
 
 
 def position_limit(model) -> int | None:

@@ -240,7 +240,11 @@ def check_columns(model, dataset, collator, label_names, description: str) -> No
     features = getattr(dataset, "features", None) or {}
     main_input = getattr(model, "main_input_name", "input_ids")
     own_model = type(model).__module__.startswith("transformers.")
-    if own_model and features and main_input not in features and "inputs_embeds" not in features:
+    import inspect
+
+    takes = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", *label_names}
+    if own_model and features and main_input not in features and "inputs_embeds" not in features and takes & set(features):
+        # (no column the model takes at all: `remove_unused_columns` leaves nothing, and data.py says so)
         text = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         hint = (f"tokenize it first: dataset.map(lambda e: tokenizer(e[{text[0]!r}], truncation=True), batched=True)"
                 if text else f"give it a {main_input!r} column")
