@@ -161,7 +161,7 @@ def explaining_errors(accelerator, model, inputs, trainer=None):
     checked for a gradient on what the optimizer updates (`validation.check_first_backward`)."""
     try:
         yield
-    except (IndexError, RuntimeError, ValueError) as err:
+    except (IndexError, RuntimeError, ValueError, TypeError) as err:
         clearer = explain_forward_error(err, accelerator.unwrap_model(model), inputs)
         if clearer is None:
             raise
@@ -194,6 +194,24 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
             f"{sum(p.numel() for p in model.parameters()):,} weights require grad): {text}. Either every parameter is "
             "frozen (set requires_grad=True on what should learn), or the loss was detached from the model's outputs "
             "(.detach(), .item(), torch.no_grad() or a new tensor in compute_loss / compute_loss_func)."
+        )
+    if isinstance(err, TypeError) and "'NoneType'" in text and "operand type" in text:
+        import traceback
+
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and frames[-1].filename.endswith(os.path.join("looptrain", "trainer.py")):  # the loop's loss arithmetic
+            keys = ", ".join(inputs.keys()) if hasattr(inputs, "keys") else "?"
+            return ValueError(
+                f"The training loss is None: {name} returned no loss for a batch with {keys} ({text}). A model "
+                "computes its loss when it receives labels: give the dataset a label column the model takes, or compute "
+                "the loss yourself (Trainer(compute_loss_func=...) or a compute_loss override)."
+            )
+    if "expected target dtype to be Long" in text or "expected scalar type Long" in text:
+        dtype = labels.dtype if torch.is_tensor(labels) else "?"
+        return ValueError(
+            f"The labels are {dtype}, but {name}'s loss takes class numbers (int64) for single-label classification: "
+            f"{text}. Give integer labels (dataset.cast_column('label', datasets.Value('int64')), or .long() in the "
+            "collator); for a score use num_labels=1 (regression)."
         )
     if "grad can be implicitly created only for scalar outputs" in text:
         return RuntimeError(

@@ -127,6 +127,32 @@ class Callbackish:  # a plain object: no events
     pass
 
 
+class NoLossModel(torch.nn.Module):
+    """Returns a plain dict whose loss is None (it computes none)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.EmbeddingBag(100, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return {"loss": None, "logits": self.head(self.embed(input_ids))}
+
+
+def _checkpoint(folder: str, damage: str) -> str:
+    """A checkpoint to resume from: of a 3-class model ("other-head"), or with its weights deleted ("no-weights")."""
+    out = os.path.join(folder, "earlier")
+    args = looptrain.TrainingArguments(output_dir=out, use_cpu=True, report_to="none", disable_tqdm=True, max_steps=1,
+                                       save_strategy="steps", save_steps=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        looptrain.Trainer(tiny_bert(num_labels=3 if damage == "other-head" else 2), args, train_dataset=_data()).train()
+    checkpoint = os.path.join(out, "checkpoint-1")
+    if damage == "no-weights":
+        os.remove(os.path.join(checkpoint, "model.safetensors"))
+    return checkpoint
+
+
 def _other_model_optimizer():
     return torch.optim.AdamW(tiny_bert(seed=1).parameters())
 
@@ -170,6 +196,14 @@ PAIR_CASES = {
     "loss of the wrong shape": dict(loss_func=lambda: (lambda o, l, num_items_in_batch=None: o["logits"]), mentions=["loss", "single number"]),
     "eval strategy without eval data": dict(args={"eval_strategy": "steps", "eval_steps": 1}, mentions=["eval_dataset"]),
     "resume from a missing checkpoint": dict(resume="missing", mentions=["resume_from_checkpoint"]),
+    "resume from a checkpoint of another head": dict(resume="other-head", mentions=["checkpoint", "different model"]),
+    "resume from a checkpoint without weights": dict(resume="no-weights", mentions=["checkpoint", "weights"]),
+    "collator adds a key the model does not take": dict(collator=lambda: (lambda f: {**transformers.default_data_collator(f), "foo": torch.zeros(len(f))}),
+                                                        mentions=["foo"]),
+    "float labels from a collator, single-label head": dict(
+        model=lambda: tiny_bert(num_labels=2, problem_type="single_label_classification"),
+        collator=lambda: (lambda f: {**transformers.default_data_collator(f), "labels": torch.zeros(len(f))}), mentions=["labels"]),
+    "a model whose loss is None": dict(model=lambda: NoLossModel(), mentions=["loss"]),
     "model_init and model": dict(model_init=True, mentions=["model_init"]),
 }
 
@@ -220,7 +254,12 @@ def _run(library: str, case: dict, folder: str):
             kwargs["model_init"] = tiny_bert
         trainer = trainer_cls(model, args, **kwargs)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            trainer.train(resume_from_checkpoint=os.path.join(folder, "missing") if case.get("resume") else None)
+            resume = case.get("resume")
+            if resume in ("other-head", "no-weights"):
+                resume = _checkpoint(os.path.join(folder, library), resume) if "checkpoint" not in case else case["checkpoint"]
+            elif resume:
+                resume = os.path.join(folder, "missing")
+            trainer.train(resume_from_checkpoint=resume)
     except Exception as err:  # noqa: BLE001 - judged below
         return ("error", err)
     after = {n: p.detach() for n, p in trainer.model.named_parameters()}
