@@ -132,10 +132,6 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
                     f"embeddings cover {limit} (config.max_position_embeddings). Tokenize with truncation=True, "
                     f"max_length={limit}, or drop the longer examples."
                 )
-    if labels_unchanged:  # the model's input, text labels, unpadded lengths, one float per example (validation.py)
-        from .validation import check_columns
-
-        check_columns(model, dataset, collator, label_names, description)
 
 
 def position_limit(model) -> int | None:

@@ -171,6 +171,7 @@ def check_before_training(trainer) -> None:
     """Host-side facts about the run, before anything is written: something to train, a learning rate that moves it."""
     model, args = trainer.model, trainer.args
     trainer._first_backward_checked = False
+    check_datasets(trainer)
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         return  # their engines own the parameters (and flags); a check here could refuse a setup they handle
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -232,9 +233,33 @@ def check_first_backward(trainer, model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ datasets
-def check_columns(model, dataset, collator, label_names, description: str) -> None:
-    """What a collator that passes columns through (transformers' own) hands the model: its main input, and labels
-    of a type its loss takes (`check_label_types`)."""
+def check_datasets(trainer) -> None:
+    """The datasets the run will read (the evaluation sets only when training evaluates), where a collator of
+    transformers' that passes columns through unchanged hands them to the model (`check_columns`)."""
+    import transformers
+
+    try:
+        import datasets
+    except ImportError:
+        return
+    args, collator = trainer.args, trainer.data_collator
+    passes_through = collator is transformers.default_data_collator or isinstance(
+        collator, (transformers.DataCollatorWithPadding, transformers.DataCollatorForTokenClassification, transformers.DefaultDataCollator))
+    if not passes_through:
+        return  # a custom collator may make anything of the columns: failures are explained at the first batch
+    sets = [("training", trainer.train_dataset, args.per_device_train_batch_size)]
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" or args.eval_on_start:
+        evals = trainer.eval_dataset.items() if isinstance(trainer.eval_dataset, dict) else [("evaluation", trainer.eval_dataset)]
+        sets += [(description, dataset, args.per_device_eval_batch_size) for description, dataset in evals]
+    for description, dataset, batch_size in sets:
+        if isinstance(dataset, datasets.Dataset) and len(dataset):
+            check_columns(trainer.model, dataset, collator, trainer.label_names, description, batch_size)
+
+
+def check_columns(model, dataset, collator, label_names, description: str, batch_size: int = 2) -> None:
+    """What a collator that passes columns through (transformers' own) hands the model: its main input, sequences
+    that can be stacked without padding (batches of more than one), and labels of a type its loss takes
+    (`check_label_types`)."""
     import transformers
 
     features = getattr(dataset, "features", None) or {}
@@ -253,7 +278,7 @@ def check_columns(model, dataset, collator, label_names, description: str) -> No
             f"{type(model).__name__} needs as its input: {hint}."
         )
     fixed_length = collator is transformers.default_data_collator or type(collator) is transformers.DefaultDataCollator
-    column = dataset.data.column(main_input) if fixed_length and main_input in features else None
+    column = dataset.data.column(main_input) if fixed_length and batch_size > 1 and main_input in features else None
     if column is not None and str(column.type).startswith(("list", "large_list")) and len(column):
         import pyarrow.compute as pc
 

@@ -392,3 +392,19 @@ def test_the_job_with_an_output_dir_that_is_a_file_is_one_line(tmp_path, job):
     path.write_text("")
     code, stderr = _run_cli(job, ["--output_dir", str(path), "--max_steps", "1"])
     assert code == 2 and stderr == f"train.py: error: --output_dir {path} is an existing file, not a folder; choose another --output_dir.\n"
+
+
+def test_checks_refuse_only_what_this_run_reads(tmp_path):
+    """Unpadded sequences of varying length stack in batches of one; an evaluation set with text labels is not
+    read by a run that never evaluates: Trainer trains both, and so does looptrain, identically."""
+    rng = np.random.default_rng(0)
+    ragged = Dataset.from_dict({"input_ids": [rng.integers(5, 100, 4 + i).tolist() for i in range(6)], "label": [0, 1] * 3})
+    text_labels = random_token_dataset(8, 1).remove_columns(["label"]).add_column("label", ["yes", "no"] * 4)
+    hf, lt = run_both(tmp_path, tiny_bert, train_dataset=ragged, eval_dataset=text_labels,
+                      args=dict(max_steps=3, per_device_train_batch_size=1, logging_steps=1, save_strategy="no"),
+                      trainer_kwargs=dict(data_collator=transformers.default_data_collator))
+    assert_parity(hf, lt)
+    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path / "two", per_device_train_batch_size=2), train_dataset=ragged,
+                                data_collator=transformers.default_data_collator)
+    with pytest.raises(ValueError, match="'input_ids' sequences have 4 to 9 tokens, and default_data_collator does not pad"):
+        _train(trainer)
