@@ -302,6 +302,17 @@ class CheckpointMixin:
         if args.should_save:
             _remove_debris(run_dir)  # what a crash in an earlier save or rotation left behind
         self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is cleared
+        try:
+            self._write_checkpoint(staging_dir, output_dir, run_dir, trial)
+        except BaseException:  # looptrain: a save that fails midway (an exception, not a kill) leaves nothing behind
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            raise
+        if args.should_save:
+            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _write_checkpoint(self, staging_dir: str, output_dir: str, run_dir: str, trial) -> None:
+        """`_save_checkpoint`'s writing: everything into `staging_dir`, then renamed to `output_dir`."""
+        args = self.args
         self.save_model(staging_dir, _internal_call=True)
         # Trainer: the best checkpoint is known once its folder exists (it may be the one being written).
         if args.save_strategy in ("steps", "epoch", "best") and self.state.best_global_step:
@@ -327,10 +338,12 @@ class CheckpointMixin:
         if args.should_save:
             _publish(staging_dir, output_dir)
         self.accelerator.wait_for_everyone()
+        if not args.should_save and args.local_process_index == 0 and os.path.isdir(staging_dir):
+            # looptrain: a machine with its own disk (save_on_each_node=False): its processes' files (rng_state_<rank>.pth)
+            # are published there too, where Trainer writes them, `checkpoint-<N>/` (a shared disk has no staging left).
+            _publish(staging_dir, output_dir)
         if args.push_to_hub:
             self._push_from_checkpoint(output_dir)
-        if args.should_save:
-            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """`optimizer.pt` and `scheduler.pt` (under DeepSpeed and FSDP, their own sharded files)."""

@@ -57,6 +57,9 @@ def check_process_group(accelerator) -> None:
             f"{wanted} configuration needs devices this machine lacks. On CPUs, launch with `accelerate launch "
             "--multi_gpu --num_processes N` (gloo) or a DDP config with use_cpu: true; or run one process."
         )
+    from .validation import warn_if_fewer_processes_than_asked
+
+    warn_if_fewer_processes_than_asked(accelerator)  # the opposite: fewer processes than the launch asked for
 
 
 def check_mixed_precision(args, accelerator) -> None:
@@ -92,7 +95,11 @@ def check_dataset_fits_model(model, dataset, collator, label_names, description:
     # labels: one class index per example (sequence classification) or per token (token classification)
     label_column = next((c for c in ("label", "labels", *label_names) if c in dataset.column_names), None)
     num_labels = getattr(config, "num_labels", None)
-    per_example = name.endswith("ForSequenceClassification") and getattr(config, "problem_type", None) in (None, "single_label_classification")
+    # Trainer: num_labels=1 with no problem_type is a regression, whose scores may be integers (STS-B's 0..5)
+    problem_type = getattr(config, "problem_type", None)
+    per_example = name.endswith("ForSequenceClassification") and (
+        problem_type == "single_label_classification" or (problem_type is None and (num_labels or 0) > 1)
+    )
     per_token = name.endswith("ForTokenClassification")
     if labels_unchanged and label_column is not None and num_labels and (per_example or per_token):
         column = table.column(label_column)
@@ -143,16 +150,22 @@ def position_limit(model) -> int | None:
 
 # ------------------------------------------------------------------------------------------ at the first failure
 @contextlib.contextmanager
-def explaining_errors(accelerator, model, inputs):
-    """Around a forward (and backward): torch's IndexError/RuntimeError for out-of-range labels or too-long sequences
-    becomes an error that says so (`explain_forward_error`); any other error passes unchanged."""
+def explaining_errors(accelerator, model, inputs, trainer=None):
+    """Around a forward (and backward): torch's IndexError/RuntimeError/ValueError for out-of-range labels, too-long
+    sequences, labels of the wrong shape or a loss that reaches no parameter becomes an error that says so
+    (`explain_forward_error`); any other error passes unchanged. With `trainer` (training), the first backward is
+    checked for a gradient on what the optimizer updates (`validation.check_first_backward`)."""
     try:
         yield
-    except (IndexError, RuntimeError) as err:
+    except (IndexError, RuntimeError, ValueError, TypeError) as err:
         clearer = explain_forward_error(err, accelerator.unwrap_model(model), inputs)
         if clearer is None:
             raise
         raise clearer from err
+    if trainer is not None:
+        from .validation import check_first_backward
+
+        check_first_backward(trainer, model)
 
 
 def explain_forward_error(err: BaseException, model, inputs) -> Exception | None:
@@ -169,6 +182,52 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
             f"A batch has label {high}, but {name} has num_labels={num_labels} (classes 0..{num_labels - 1}): {text}. "
             f"Load the model with the number of classes of your data (from_pretrained(..., num_labels=...)), or map "
             f"the labels to 0..{num_labels - 1}."
+        )
+    if "does not require grad and does not have a grad_fn" in text:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return RuntimeError(
+            f"The training loss is not connected to any trainable parameter ({trainable:,} of {name}'s "
+            f"{sum(p.numel() for p in model.parameters()):,} weights require grad): {text}. Either every parameter is "
+            "frozen (set requires_grad=True on what should learn), or the loss was detached from the model's outputs "
+            "(.detach(), .item(), torch.no_grad() or a new tensor in compute_loss / compute_loss_func)."
+        )
+    if isinstance(err, TypeError) and "'NoneType'" in text and "operand type" in text:
+        import traceback
+
+        frames = traceback.extract_tb(err.__traceback__)
+        if frames and frames[-1].filename.endswith(os.path.join("looptrain", "trainer.py")):  # the loop's loss arithmetic
+            keys = ", ".join(inputs.keys()) if hasattr(inputs, "keys") else "?"
+            return ValueError(
+                f"The training loss is None: {name} returned no loss for a batch with {keys} ({text}). A model "
+                "computes its loss when it receives labels: give the dataset a label column the model takes, or compute "
+                "the loss yourself (Trainer(compute_loss_func=...) or a compute_loss override)."
+            )
+    if "expected target dtype to be Long" in text or "expected scalar type Long" in text:
+        dtype = labels.dtype if torch.is_tensor(labels) else "?"
+        return ValueError(
+            f"The labels are {dtype}, but {name}'s loss takes class numbers (int64) for single-label classification: "
+            f"{text}. Give integer labels (dataset.cast_column('label', datasets.Value('int64')), or .long() in the "
+            "collator); for a score use num_labels=1 (regression)."
+        )
+    if "grad can be implicitly created only for scalar outputs" in text:
+        return RuntimeError(
+            f"The training loss is not a single number: {text}. {name} (or compute_loss / compute_loss_func) returned a "
+            "tensor of several values where the loss is expected, e.g. per-example losses, or logits because the batch "
+            "had no labels (a tuple output's first item is taken as the loss). Return the mean loss, or pass labels."
+        )
+    if "to match target batch_size" in text and torch.is_tensor(labels):
+        return ValueError(
+            f"The labels do not fit {name}'s output: labels of shape {tuple(labels.shape)}, and the loss compares them "
+            f"with one prediction per {'token' if 'TokenClassification' in name or 'LM' in name else 'example'}: {text}. "
+            "Sequence classifiers take one label per example, token classifiers and language models one per token (a "
+            "collator such as DataCollatorForLanguageModeling makes token labels): give the model the labels of its task."
+        )
+    if "Target size" in text and "must be the same as input size" in text and torch.is_tensor(labels):
+        return ValueError(
+            f"The labels do not fit {name}'s head: labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
+            f"num_labels={num_labels}, problem_type={getattr(config, 'problem_type', None)!r}: {text}. Float labels make a "
+            "classification model multi-label (one float per class per example); for one class per example give "
+            "integer labels (dataset.cast_column('label', datasets.Value('int64'))), for a score num_labels=1."
         )
     main_input = getattr(model, "main_input_name", "input_ids")
     ids = inputs.get(main_input) if hasattr(inputs, "get") else None

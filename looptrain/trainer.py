@@ -99,7 +99,7 @@ from transformers.training_args import OptimizerNames, ParallelMode
 from transformers.utils import can_return_loss, find_labels, logging
 
 from . import checkpoint as ckpt
-from . import checks
+from . import checks, validation
 from .checkpoint import CheckpointMixin, LoopState
 from .data import DataMixin, default_collator
 from .evaluation import EvaluationMixin
@@ -278,6 +278,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._validate_args()
+        validation.check_constructor_inputs(self, callbacks)  # looptrain: callbacks, optimizers=, output_dir
 
         # ---- 6. Callbacks. Trainer: DefaultFlowCallback, the reporting integrations, the user's, the progress bar.
         # (`enable_jit_checkpoint`: looptrain's SIGTERM handling is always on while training, see preemption.py.)
@@ -499,6 +500,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         eval_sets = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
         for description, dataset in [("training", self.train_dataset), *eval_sets]:
             checks.check_dataset_fits_model(self.model, dataset, self.data_collator, self.label_names, description)
+        validation.check_before_training(self)  # looptrain: something to train, a rate that moves it; old staging folders
 
         # Trainer: under auto_find_batch_size an out-of-memory error restarts the loop with 90% of the batch size.
         inner_training_loop = find_executable_batch_size(
@@ -762,7 +764,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                 else:
                     sync_context = self.accelerator.no_sync(model=model)
                 # looptrain: out-of-range labels and too-long sequences are named, not left to torch's message
-                with sync_context, checks.explaining_errors(self.accelerator, model, inputs):
+                with sync_context, checks.explaining_errors(self.accelerator, model, inputs, trainer=self):
                     tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
 
                 if args.logging_nan_inf_filter:

@@ -139,6 +139,9 @@ def check_values(args) -> None:
         raise ValueError(f"include_for_metrics accepts 'inputs' and 'loss', got {sorted(unknown)}.")
     if args.eval_accumulation_steps is not None and args.eval_accumulation_steps < 1:
         raise ValueError(f"eval_accumulation_steps must be at least 1 (or None), got {args.eval_accumulation_steps}.")
+    from .validation import check_argument_values  # (imported here: validation imports transformers' Trainer parts)
+
+    check_argument_values(args)
 
 
 def check_supported(args) -> None:

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -382,7 +383,11 @@ def run(argv, trainer_cls, training_args_cls):
     if job.missing_packages():
         raise JobError(f"{', '.join(job.missing_packages())} not installed: the job needs the extra `job` "
                        "(pip install -e '.[job]', or make install).")
-    model_args, data_args, training_args, notes = parse_arguments(sys.argv[1:] if argv is None else argv, training_args_cls)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    model_args, data_args, training_args, notes = parse_arguments(argv, training_args_cls)
+    _RUNNING.update(argv=argv, output_dir=training_args.output_dir)  # for the resume command after SIGTERM/Ctrl-C
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise JobError(f"--output_dir {training_args.output_dir} is an existing file, not a folder; choose another --output_dir.")
     resume = check_resume(training_args) if training_args.do_train else None
     is_main = training_args.process_index == 0
     if training_args.do_train:  # another run's checkpoints in output_dir: resumed, deleted, or the job stops
@@ -476,6 +481,8 @@ def run(argv, trainer_cls, training_args_cls):
             result = trainer.train(resume_from_checkpoint=resume)
         except looptrain.CheckpointError as err:  # a checkpoint file that cannot be used, found before training
             raise JobError(f"--resume_from_checkpoint: {err}") from None
+        if getattr(trainer, "preempted", False):  # SIGTERM: looptrain saved a checkpoint and stopped; nothing else runs
+            raise Preempted(trainer.state.global_step, trainer.state.max_steps, _last_checkpoint(out))
         metrics = {**result.metrics, "train_samples": len(train_dataset)}
         trainer.save_model()
         # run_glue.py's trainer.log_metrics/save_metrics/save_state: Trainer's helpers (rank 0 only), as functions
@@ -545,14 +552,49 @@ def print_summary(written, eval_metrics, eval_labels, is_regression, seconds):
             print(f"  {key + ':':<21}{written[key]}")
 
 
-def cli():
+class Preempted(Exception):
+    """SIGTERM stopped training after saving `checkpoint`: the job ends there, with exit status 143 (128 + SIGTERM),
+    so that a requeue script sees the job as unfinished."""
+
+    def __init__(self, step, max_steps, checkpoint):
+        super().__init__(f"stopped by SIGTERM after step {step} of {max_steps}")
+        self.checkpoint = checkpoint
+
+
+_RUNNING = {}  # the arguments and output folder of the job running in this process
+
+
+def resume_command(checkpoint) -> str:
+    """The command that continues this job from `checkpoint`: the same flags, with --resume_from_checkpoint."""
+    argv, skip = [], False
+    for arg in _RUNNING.get("argv", []):
+        if skip:
+            skip = False
+        elif arg.partition("=")[0] in _spellings("resume_from_checkpoint"):
+            skip = "=" not in arg
+        else:
+            argv.append(arg)
+    return shlex.join(["python", sys.argv[0] or "scripts/train.py", *argv, "--resume_from_checkpoint", checkpoint])
+
+
+def cli(argv=None, trainer_cls=None):
     try:
-        main()
+        main(argv, trainer_cls)
     except JobError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":  # once, from the main process
+            print(f"train.py: {stop}. The checkpoint is {stop.checkpoint}; the final model, evaluation and prediction were "
+                  f"skipped. Resume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
+        checkpoint = _last_checkpoint(_RUNNING["output_dir"]) if _RUNNING.get("output_dir") else None
+        if checkpoint is None:
+            print("train.py: interrupted", file=sys.stderr)
+        else:
+            print(f"train.py: interrupted. The last checkpoint is {checkpoint}. Resume with:\n  {resume_command(checkpoint)}",
+                  file=sys.stderr)
         sys.exit(130)
 
 

@@ -302,3 +302,83 @@ def test_looptrain_never_refuses_a_setup_that_trainer_trains(tmp_path, name):
         pytest.skip(f"transformers.Trainer does not train this setup either: {results['hf']!r}")
     assert not isinstance(results["lt"], Exception), f"looptrain refused a setup Trainer trains: {results['lt']!r}"
     assert results["lt"] == results["hf"]
+
+
+# Random valid-looking setups (issue 21): head sizes and problem types, label dtypes and shapes, label column names,
+# collators and arguments drawn at random (seeded). Whatever transformers.Trainer trains, looptrain must train to the
+# same logs and weights; a setup Trainer refuses too is counted, not compared.
+def _random_setup(rng):
+    num_labels = int(rng.choice([1, 2, 3]))
+    problem_type = rng.choice([None, "regression", "single_label_classification", "multi_label_classification"])
+    if num_labels == 1 and problem_type in ("single_label_classification", "multi_label_classification"):
+        problem_type = None
+    n, seq_len = 8, int(rng.choice([6, 8]))
+    kind = rng.choice(["int", "float", "multi_hot"])
+    if kind == "multi_hot":
+        labels = rng.integers(0, 2, (n, num_labels)).astype(float if rng.random() < 0.7 else int).tolist()
+    elif kind == "float":
+        labels = rng.uniform(0, 5, n).round(2).tolist() if num_labels == 1 else rng.integers(0, num_labels, n).astype(float).tolist()
+    else:
+        labels = rng.integers(0, 6 if num_labels == 1 else num_labels, n).tolist()  # int scores for a regression head
+    ragged = rng.random() < 0.3
+    ids = [rng.integers(5, 100, seq_len - (i % 3 if ragged else 0)).tolist() for i in range(n)]
+    data = {"input_ids": ids, rng.choice(["label", "labels"]): labels}
+    if rng.random() < 0.5:
+        data["attention_mask"] = [[1] * len(x) for x in ids]
+    if rng.random() < 0.3:
+        data["text"] = [f"example {i}" for i in range(n)]
+    collator = rng.choice(["none", "default", "padding"])
+    if ragged and collator == "default":
+        collator = "padding"
+    args = dict(
+        learning_rate=float(rng.choice([1e-3, 5e-5])), warmup_steps=rng.choice([0, 1, 0.5]),
+        lr_scheduler_type=str(rng.choice(["linear", "constant", "cosine"])), gradient_accumulation_steps=int(rng.choice([1, 2])),
+        per_device_train_batch_size=int(rng.choice([2, 4])), max_grad_norm=float(rng.choice([1.0, 0.0])),
+        weight_decay=float(rng.choice([0.0, 0.01])), label_smoothing_factor=float(rng.choice([0.0, 0.1])),
+        optim=str(rng.choice(["adamw_torch", "sgd"])), seed=int(rng.integers(0, 100)),
+    )
+    description = f"num_labels={num_labels} problem_type={problem_type} labels={kind} ragged={ragged} collator={collator} {args}"
+    overrides = {} if problem_type is None else {"problem_type": str(problem_type)}
+
+    def build():
+        model = tiny_bert(num_labels=num_labels, **overrides)
+        tok = wordpiece_tokenizer() if collator == "padding" or ragged else None
+        made = {"none": None, "default": transformers.default_data_collator,
+                "padding": transformers.DataCollatorWithPadding(tok) if tok is not None else None}[collator]
+        return model, Dataset.from_dict(data), made, tok
+
+    return build, args, description
+
+
+def test_looptrain_never_refuses_random_setups_that_trainer_trains(tmp_path):
+    import time
+
+    rng = np.random.default_rng(21)
+    trained = refused_by_both = 0
+    started = time.monotonic()
+    for case in range(24):
+        if time.monotonic() - started > 90:  # a bound on the work on a slow machine, not a timed assertion
+            break
+        build, extra, description = _random_setup(rng)
+        results = {}
+        for library in ("hf", "lt"):
+            model, data, collator, tok = build()
+            args = dict(output_dir=str(tmp_path / f"{case}-{library}"), use_cpu=True, max_steps=2, save_strategy="no",
+                        report_to="none", disable_tqdm=True, logging_steps=1, **extra)
+            cls, args_cls = (transformers.Trainer, transformers.TrainingArguments) if library == "hf" else (looptrain.Trainer, looptrain.TrainingArguments)
+            try:
+                trainer = cls(model, args_cls(**args), train_dataset=data, data_collator=collator, processing_class=tok)
+                trainer.train()
+                results[library] = (strip_timing(trainer.state.log_history), {n: p.detach() for n, p in trainer.model.named_parameters()})
+            except Exception as err:  # noqa: BLE001 - compared below
+                results[library] = err
+        if isinstance(results["hf"], Exception):
+            refused_by_both += isinstance(results["lt"], Exception)
+            continue
+        assert not isinstance(results["lt"], Exception), f"looptrain refused a setup Trainer trains ({description}): {results['lt']!r}"
+        (log_hf, w_hf), (log_lt, w_lt) = results["hf"], results["lt"]
+        assert log_lt == log_hf, description
+        assert all(torch.equal(w_hf[n], w_lt[n]) for n in w_hf), description
+        trained += 1
+    print(f"random setups: {trained} trained identically by both, {refused_by_both} refused by both")
+    assert trained >= 8  # the generator makes mostly trainable setups: the property is exercised, not skipped

@@ -722,10 +722,10 @@ def test_save_and_log_on_each_node(tmp_path, main_process_of_second_node, on_eac
         assert sorted(lt_as_hf) == hf_files
         assert "checkpoint-4/model.safetensors" in lt_files and "model.safetensors" in lt_files
     else:
-        # Only the RNG state, which every process writes (its own dropout stream): Trainer into checkpoint-<N>, looptrain
-        # into the staging folder that the saving process renames to checkpoint-<N> (the same folder on a shared disk).
+        # Only the RNG state, which every process writes (its own dropout stream), into checkpoint-<N>: looptrain's
+        # staging folder, left on a disk the saving process does not share, is published there (issue 21).
         assert hf_files == ["checkpoint-2/rng_state.pth", "checkpoint-4/rng_state.pth"]
-        assert lt_files == [".tmp-checkpoint-2/rng_state.pth", ".tmp-checkpoint-4/rng_state.pth"]
+        assert lt_files == hf_files
     levels = [next(cb for cb in t.callback_handler.callbacks if isinstance(cb, Verbosity)) for t, _ in (hf, lt)]
     assert levels[0].level == levels[1].level == (transformers.logging.INFO if on_each_node else transformers.logging.ERROR)
     assert levels[0].flags == levels[1].flags == (False, True)
