@@ -11,7 +11,7 @@ so each run starts from the same files. Then, in this order, the first differenc
   3. every tensor of each model's final `state_dict()`, bit for bit;
   4. every file in each trainer's `output_dir`: checkpoints, weights, `trainer_state.json`, `*results.json`,
      the model card, predictions; JSON compared without timing keys, safetensors and torch files tensor by
-     tensor, everything else byte for byte. looptrain's documented differences are not differences:
+     tensor, `.md`/`.txt` line by line with durations ("2.1 seconds") masked, everything else byte for byte. looptrain's documented differences are not differences:
      `training_args.json` instead of the pickled `training_args.bin`, and `looptrain_state.json` in checkpoints
      (README, "Deliberate differences"; docs/checkpoints.md).
 
@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,8 @@ TIMING_MARKERS = ("runtime", "per_second", "model_preparation_time", "_mem_")
 SIDES = ("transformers", "looptrain")
 # looptrain's documented differences in what it writes (README, "Deliberate differences")
 NOT_COMPARED = {"training_args.bin", "training_args.json", "looptrain_state.json"}
+# a duration in a text file (sentence-transformers' model card: "Training: 2.1 seconds")
+_TIMES = re.compile(r"\b\d+(\.\d+)?\s*(seconds|second|secs|sec|s|ms|minutes|minute|min|hours|hour|h)\b")
 SKIPPED_FOLDERS = {"runs"}  # TensorBoard event files: wall-clock times in every record
 
 
@@ -247,6 +250,12 @@ def _file_difference(a: Path, b: Path) -> str | None:
         except Exception:  # not a weights-only torch file: bytes decide
             return "contents differ"
         return _first_tensor_difference(_flatten(ta), _flatten(tb))
+    if a.suffix in (".md", ".txt"):
+        lines_a, lines_b = (_TIMES.sub("<time>", raw.decode(errors="replace")).splitlines() for raw in (raw_a, raw_b))
+        for n, (x, y) in enumerate(zip(lines_a, lines_b), 1):
+            if x != y:
+                return f"line {n}: transformers {x.strip()!r}, looptrain {y.strip()!r}"
+        return None if len(lines_a) == len(lines_b) else f"{len(lines_a)} lines vs {len(lines_b)}"
     return "contents differ"
 
 
