@@ -7,7 +7,8 @@ and its model's final weights; the output folders of the first run are moved asi
 so each run starts from the same files. Then, in this order, the first difference is reported:
 
   1. the trainers built (how many, and that the second run's really run looptrain's loop);
-  2. every non-timing `log_history` value (`runtime`, `per_second`, `_mem_`, ... keys are skipped);
+  2. every non-timing `log_history` value (`runtime`, `per_second`, `_mem_`, `*_time` keys
+     are skipped);
   3. every tensor of each model's final `state_dict()`, bit for bit;
   4. every file in each trainer's `output_dir`: checkpoints, weights, `trainer_state.json`, `*results.json`,
      the model card, predictions; JSON compared without timing keys, safetensors and torch files tensor by
@@ -43,7 +44,8 @@ SKIPPED_FOLDERS = {"runs"}  # TensorBoard event files: wall-clock times in every
 
 
 def is_timing_key(key: str) -> bool:
-    return any(marker in key for marker in TIMING_MARKERS)
+    """Wall-clock values: Trainer's speed metrics, memory deltas, TRL's `step_time`."""
+    return any(marker in key for marker in TIMING_MARKERS) or key.endswith("_time") or key == "time"
 
 
 def without_timing(value):
