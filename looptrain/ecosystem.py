@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 import warnings
 
 __all__ = ["use_in_transformers", "stale_trainer_classes"]
@@ -42,8 +43,6 @@ def use_in_transformers() -> None:
     If such a class was created before the call, a warning names it and the fix (call this first: at the top of
     the script, or restart the notebook's kernel), and constructing that class raises a RuntimeError.
     """
-    import transformers
-
     from .seq2seq import Seq2SeqTrainer
     from .trainer import Trainer
 
@@ -54,9 +53,10 @@ def use_in_transformers() -> None:
     seq2seq_module = importlib.import_module(_SEQ2SEQ_MODULE)
     _ORIGINALS["Trainer"] = trainer_module.Trainer
     _ORIGINALS["Seq2SeqTrainer"] = seq2seq_module.Seq2SeqTrainer
-    for module in (transformers, trainer_module):
+    tops = _module_objects("transformers")
+    for module in (*tops, trainer_module):
         module.Trainer = Trainer
-    for module in (transformers, seq2seq_module):
+    for module in (*tops, seq2seq_module):
         module.Seq2SeqTrainer = Seq2SeqTrainer
     _refuse_constructing(_ORIGINALS["Trainer"])
     if stale:
@@ -82,18 +82,34 @@ def stale_trainer_classes() -> list[type]:
     if original is None:
         return []  # transformers' trainer module was never loaded: nothing can subclass it yet
     found = {}
+    for value in _module_globals():
+        if (
+            isinstance(value, type)
+            and value is not original
+            and issubclass(value, original)
+            and not value.__module__.startswith("transformers.")
+        ):
+            found[id(value)] = value
+    return sorted(found.values(), key=lambda cls: (cls.__module__, cls.__qualname__))
+
+
+def _module_objects(name: str) -> list:
+    """Every live module object named `name`. transformers' lazy top-level module can be replaced in sys.modules
+    while its first Trainer import runs, so a `transformers` imported before that is another object with the same
+    name; code that did `import transformers` then reads the name from that one."""
+    found = {id(sys.modules[name]): sys.modules[name]}
+    for value in _module_globals():
+        if isinstance(value, types.ModuleType) and value.__name__ == name:
+            found[id(value)] = value
+    return list(found.values())
+
+
+def _module_globals():
+    """Every global of every imported module."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some modules' attributes warn when touched (deprecated aliases)
         for module in list(sys.modules.values()):
-            for value in list(getattr(module, "__dict__", {}).values()):
-                if (
-                    isinstance(value, type)
-                    and value is not original
-                    and issubclass(value, original)
-                    and not value.__module__.startswith("transformers.")
-                ):
-                    found[id(value)] = value
-    return sorted(found.values(), key=lambda cls: (cls.__module__, cls.__qualname__))
+            yield from list(getattr(module, "__dict__", {}).values())
 
 
 def _refuse_constructing(original: type) -> None:
