@@ -18,6 +18,7 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv: list[str]) -> int:
+    """Dispatch `run`, `compare` (and `_record`, one run of compare); returns the exit status."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage:\n{USAGE}")
         return 0 if argv else 2

@@ -128,7 +128,7 @@ def record(side: str, record_dir: str, max_steps: int | None, target: str, argv:
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             torch.save(state, record_dir / weights)
         entries.append({
-            "class": f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+            "class": _class_name(type(trainer)),
             "loop": "looptrain" if isinstance(trainer, LooptrainTrainer) else "transformers",
             "output_dir": os.path.abspath(trainer.args.output_dir),
             "log_history": trainer.state.log_history,
@@ -137,6 +137,13 @@ def record(side: str, record_dir: str, max_steps: int | None, target: str, argv:
         })
     backups = {d: b for d, b in seen_dirs.items() if b is not None}
     (record_dir / "record.json").write_text(json.dumps({"trainers": entries, "before": backups}, default=repr))
+
+
+def _class_name(cls) -> str:
+    """The trainer's class; transformers' and looptrain's own (Trainer, Seq2SeqTrainer) by their shared name."""
+    if cls.__module__.split(".")[0] in ("transformers", "looptrain"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # ============================================================================================ the comparison
@@ -174,6 +181,7 @@ def _first_json_difference(a, b, where: str = ""):
 
 
 def compare_logs(i: int, name: str, a: list, b: list) -> int:
+    """Trainer `i`'s two log histories without timing keys; returns how many entries were compared."""
     a, b = without_timing(a), without_timing(b)
     for n, (x, y) in enumerate(zip(a, b)):
         found = _first_json_difference(x, y)
@@ -271,6 +279,7 @@ def _files(folder: Path) -> set[str]:
 
 
 def compare_folders(i: int, a: Path, b: Path, shown: str) -> int:
+    """The files of two output folders (`a` the transformers run's, `b` looptrain's); returns how many."""
     files_a, files_b = (_files(a) if a.is_dir() else set()), (_files(b) if b.is_dir() else set())
     if files_a != files_b:
         only_a, only_b = sorted(files_a - files_b), sorted(files_b - files_a)
@@ -351,6 +360,7 @@ def _check_movable(folder: str, target: str, work: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m looptrain compare [--max-steps N] [--keep DIR] (SCRIPT | -m MODULE) [ARGS...]`; the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m looptrain compare",
         description="Run a Trainer script on transformers' Trainer, then on looptrain's, and compare the two runs.",
