@@ -1,6 +1,6 @@
 # Two commands for a fresh clone:  `make train` (the default fine-tuning job) and `make test`.
 # Both build .venv first: the CPU build of torch 2.13, then looptrain with pinned dependencies and the extras
-# that the job (scripts/train.py), the examples and the tests use: dev (pytest) and job.
+# that the job (scripts/train.py), the examples and the tests use: dev (pytest), job and ecosystem (TRL & co.).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and alone: with torch already installed, pip never pulls a multi-GB CUDA build for it
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,job]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,job,ecosystem]'
 	touch $@
 
 train: install
