@@ -147,5 +147,5 @@ def run_target(target: str, argv: list[str], as_module: bool = False) -> None:
         if not os.path.isfile(target):
             raise FileNotFoundError(f"no such script: {target}")
         sys.argv = [target, *argv]
-        sys.path[0] = os.path.dirname(os.path.abspath(target))  # `python -m looptrain` put the current folder there
+        sys.path[0] = os.path.dirname(os.path.realpath(target))  # as `python SCRIPT` (links resolved); not the cwd
         runpy.run_path(target, run_name="__main__")
