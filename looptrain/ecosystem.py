@@ -27,7 +27,7 @@ import sys
 import types
 import warnings
 
-__all__ = ["use_in_transformers", "stale_trainer_classes"]
+__all__ = ["stale_trainer_classes", "use_in_transformers"]
 
 _ORIGINALS: dict[str, type] = {}  # "Trainer" / "Seq2SeqTrainer": transformers' classes, once replaced
 

@@ -16,7 +16,12 @@ import tiny
 
 root = sys.argv[1]
 cases = sys.argv[2:] or ["mnrl", "cosine", "setfit"]
-out = lambda name: os.path.join(root, name)  # noqa: E731
+
+
+def out(name):
+    return os.path.join(root, name)
+
+
 BERT = tiny.bert_folder(out("bert"))
 
 

@@ -14,7 +14,10 @@ import tiny  # this folder's builders (the script's folder is on sys.path, as un
 
 root = sys.argv[1]
 cases = sys.argv[2:] or ["sft", "lora", "dpo", "reward", "grpo"]
-out = lambda name: os.path.join(root, name)  # noqa: E731
+
+
+def out(name):
+    return os.path.join(root, name)
 
 
 def sft():
@@ -77,17 +80,13 @@ def reward():
     data = _preferences(8, 11)
     set_seed(0)
     trainer = RewardTrainer(
-        model=reward_model(), processing_class=tiny.tokenizer(),
+        model=tiny.reward_model(), processing_class=tiny.tokenizer(),
         train_dataset=Dataset.from_dict({"chosen": data["chosen"], "rejected": data["rejected"]}),
         args=RewardConfig(output_dir=out("reward"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                           max_steps=3, logging_steps=1, save_strategy="no", learning_rate=1e-3, max_length=24,
                           **tiny.COMMON),
     )
     trainer.train()
-
-
-def reward_model():
-    return tiny.reward_model()
 
 
 def grpo():
