@@ -2,6 +2,10 @@
 
     from looptrain import Trainer, TrainingArguments
 
+or, for a library that subclasses transformers.Trainer (TRL, sentence-transformers, SetFit), before importing it:
+
+    import looptrain; looptrain.use_in_transformers()     # or: python -m looptrain run script.py
+
 Start reading at `looptrain/trainer.py`, `Trainer.train`.
 """
 
@@ -17,6 +21,7 @@ from transformers.trainer_callback import (
 from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOutput
 
 from .checkpoint import CheckpointError
+from .ecosystem import use_in_transformers
 from .seq2seq import Seq2SeqTrainer
 from .trainer import Trainer
 from .training_args import Seq2SeqTrainingArguments, TrainingArguments
@@ -29,6 +34,7 @@ __all__ = [
     "Seq2SeqTrainer",
     "Seq2SeqTrainingArguments",
     "CheckpointError",
+    "use_in_transformers",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",

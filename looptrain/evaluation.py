@@ -220,8 +220,12 @@ class EvaluationMixin:
         # applies to the first evaluation loop of a Trainer only (trainer.py:3055-3056).
         self.gather_function = self.accelerator.gather_for_metrics
 
-        if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0:
-            # Trainer returns metrics without a loss here; looptrain names the cause.
+        # Trainer returns metrics without a loss here; looptrain names the cause when the dataset is the user's. A
+        # subclass evaluating through an empty loader of its own with no eval_dataset at all (sentence-transformers,
+        # whose `evaluator` does the evaluation) gets Trainer's result.
+        if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0 and (
+            description != "Evaluation" or self.eval_dataset is not None
+        ):
             raise ValueError(f"The {description.lower()} dataset is empty: there is nothing to evaluate.")
         all_losses, all_preds, all_labels, all_inputs = (c.get_arrays() for c in containers)
         if has_length(eval_dataset):

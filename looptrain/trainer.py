@@ -692,7 +692,6 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         for name in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, name, getattr(self, name))
         self.callback_handler.train_dataloader = train_dataloader
-        self._warn_if_loss_not_scaled_for_ga()
         return model, train_dataloader
 
     def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, trial,
@@ -742,6 +741,8 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
             num_batches = GA if update_step != num_update_steps_per_epoch - 1 else remainder
             batch_samples, num_items_in_batch = self.get_batch_samples(epoch_iterator, num_batches, args.device)
             self.current_gradient_accumulation_steps = len(batch_samples)  # the remainder window may be shorter
+            if num_items_in_batch is not None:  # looptrain: the hazard needs a label count; decided on the batches
+                self._warn_if_loss_not_scaled_for_ga()
             if restore_rng_after_first_window:
                 self._load_rng_state(resume_from_checkpoint)
                 restore_rng_after_first_window = False
@@ -1170,10 +1171,15 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         """transformers#47688, and its multi-process twin: warn once when the loss of a model that takes **kwargs but
         ignores `num_items_in_batch` (BertForSequenceClassification, ...) is silently multiplied, as Trainer 5.24
         does: not divided by the accumulation steps, and multiplied by the number of processes
-        (`average_tokens_across_devices`). README, "Deliberate differences" says why looptrain keeps it."""
+        (`average_tokens_across_devices`). README, "Deliberate differences" says why looptrain keeps it.
+        Called at each window whose batches carry a label count (`num_items_in_batch`), the only ones in the hazard
+        (sentence-transformers' batches, with `label`, have none: their loss is divided); decided once."""
         if self.loss_is_scaled_for_ga is not None or self.compute_loss_func is not None or not self.model_accepts_loss_kwargs:
             return
-        if getattr(self, "_warned_loss_scale", False) or _model_uses_num_items(self.accelerator.unwrap_model(self.model)):
+        if getattr(self, "_warned_loss_scale", False):
+            return
+        self._warned_loss_scale = True  # decided: the model's source is read once
+        if _model_uses_num_items(self.accelerator.unwrap_model(self.model)):
             return
         name = type(self.accelerator.unwrap_model(self.model)).__name__
         hazards = []
@@ -1190,7 +1196,6 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                 "average_tokens_across_devices=False for per-process means)"
             )
         if hazards:
-            self._warned_loss_scale = True
             warnings.warn(
                 f"{name}.forward takes **kwargs but does not use num_items_in_batch, so (as in transformers.Trainer 5.24) "
                 + "; and ".join(hazards) + ".",

@@ -107,3 +107,32 @@ def test_multi_process_loss_scaling_warns_like_accumulation(tmp_path, monkeypatc
     ours = [str(w.message) for w in caught if "num_items_in_batch" in str(w.message)]
     assert len(ours) == 1 and "multiplied by the 2 processes" in ours[0] and "average_tokens_across_devices=False" in ours[0]
     assert "gradient_accumulation_steps" not in ours[0]  # GA is 1 here
+
+
+class OwnLabels(looptrain.Trainer):
+    """sentence-transformers' shape: batches carry their targets under another key than `labels`, so there is no label
+    count (`num_items_in_batch` is None) and Trainer divides the loss by the window size itself."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        target = inputs.pop("target")
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits, target)
+
+
+def _own_labels_collator(rows):
+    return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
+            "attention_mask": torch.tensor([r["attention_mask"] for r in rows]),
+            "target": torch.tensor([r["label"] for r in rows])}
+
+
+def test_no_warning_when_the_batches_have_no_label_count(tmp_path):
+    """The hazard model (BERT takes **kwargs, ignores num_items_in_batch) with GA=2, but batches without `labels`:
+    the loss is divided, so looptrain does not warn (it did, deciding from the model's signature alone)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = run_trainer(OwnLabels, looptrain.TrainingArguments, no_dropout_bert, tmp_path, TRAIN.select(range(8)),
+                                 args=dict(gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=1,
+                                           save_strategy="no", remove_unused_columns=False),
+                                 trainer_kwargs=dict(data_collator=_own_labels_collator))
+    assert trainer.model_accepts_loss_kwargs and trainer.state.global_step == 1
+    assert [w for w in caught if "47688" in str(w.message)] == []
