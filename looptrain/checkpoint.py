@@ -40,7 +40,13 @@ import numpy as np
 import torch
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import remove_dummy_checkpoint, reissue_pt_warnings
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HPSearchBackend, _is_peft_model, sort_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    HPSearchBackend,
+    _is_peft_model,
+    compare_trainer_and_checkpoint_args,
+    sort_checkpoints,
+)
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -88,9 +94,13 @@ class LoopState:
     at_epoch_end: bool = False
 
     @classmethod
-    def start(cls, global_step: int, device) -> "LoopState":
-        """Trainer's fresh counters at the start of `train()`."""
-        return cls(tr_loss=torch.tensor(0.0, device=device), globalstep_last_logged=global_step)
+    def start(cls, global_step: int, device, resume: Resume | None = None, process_index: int = 0) -> LoopState:
+        """Trainer's fresh counters at the start of `train()`; with a checkpoint, continued from its
+        `looptrain_state.json` (looptrain: the loss summed since the last log, the last norm and learning rate)."""
+        loop = cls(tr_loss=torch.tensor(0.0, device=device), globalstep_last_logged=global_step)
+        if resume is not None:
+            loop.restore(resume.loop_state, process_index)
+        return loop
 
     def to_json(self, accelerator) -> dict:
         """The JSON object of `looptrain_state.json`. Collective: every process must call it (each process sums
@@ -130,6 +140,65 @@ class ResumePlan:
     epochs_trained: int
     steps_to_skip: int
     training_stopped: bool = False
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where `_run_epoch` starts an epoch: what to skip and when to restore the checkpoint's RNG. The default is a
+    fresh epoch: its first window, nothing skipped, nothing restored."""
+
+    checkpoint: str | None = None  # the checkpoint whose RNG state is restored
+    first_window: int = 0  # the epoch's optimizer steps (windows) already done
+    micro_batches_to_skip: int = 0  # consumed by the checkpoint's run; skipped at the sampler, never collated
+    restore_rng_first: bool = False  # before the epoch's iterator draws from the RNG
+    restore_rng_after_window: int | None = None  # once this window is fetched (overwrites the skipping iterator's draw)
+    only_epoch_end: bool = False  # the checkpoint precedes this epoch's end: only the end is left to run
+    training_stopped: bool = False  # ... and training had been told to stop at the checkpoint's step
+
+    def replay_epoch_end(self, control: TrainerControl, loop: LoopState) -> tuple:
+        """For an epoch whose end alone is left: the control flags as the uninterrupted run had them after its save
+        (the step's log, evaluation and save were done; whether training was stopping is the checkpoint's), and the
+        last step's (grad_norm, learning_rate), which the end's log repeats. (None, None) otherwise."""
+        if not self.only_epoch_end:
+            return None, None
+        control.should_log = control.should_evaluate = control.should_save = False
+        control.should_training_stop = self.training_stopped
+        return loop.grad_norm, loop.learning_rate
+
+
+@dataclass
+class Resume:
+    """The checkpoint a `train()` resumes from, as one value: made once by `_resolve_checkpoint` (the folder, every
+    file read and checked), planned once by `_init_training_state` (`plan`), then asked by the loop: the loop state
+    (`LoopState.start`), where each epoch starts (`epoch_start`), the optimizer, scheduler, scaler and RNG files."""
+
+    path: str
+    files: dict  # `read_checkpoint`'s: trainer_state, looptrain_state.json, optimizer, scheduler, scaler, rng
+    plan: ResumePlan | None = None
+    optimizer_steps_per_epoch: int = 1
+    micro_batches_per_step: int = 1  # gradient_accumulation_steps
+
+    @property
+    def loop_state(self) -> dict | None:
+        return self.files.get(LOOP_STATE_NAME)
+
+    def epoch_start(self, steps_to_skip: int, steps_in_epoch: int) -> EpochStart:
+        """Where the first epoch of the resumed run starts, from `steps_to_skip` of its `steps_in_epoch` micro-batches."""
+        if steps_to_skip >= steps_in_epoch:
+            # looptrain: the checkpoint precedes this epoch's end (see `plan_resume`): nothing is left to train in it.
+            # Its end runs from the checkpoint's RNG, with the last step's norm and learning rate.
+            return EpochStart(self.path, first_window=self.optimizer_steps_per_epoch, restore_rng_first=True,
+                              only_epoch_end=True, training_stopped=self.plan is not None and self.plan.training_stopped)
+        if steps_to_skip > 0:
+            # Trainer: the consumed batches are skipped at the sampler; the RNG is restored once the first window
+            # is fetched (creating the skipping iterator drew from it).
+            window = steps_to_skip // self.micro_batches_per_step
+            return EpochStart(self.path, first_window=window, micro_batches_to_skip=steps_to_skip, restore_rng_after_window=window)
+        return EpochStart(self.path, restore_rng_first=True)
+
+    def describe(self, global_step: int, steps_in_epoch: int) -> str:
+        """The line a resumed run logs (`describe_resume`)."""
+        return describe_resume(self.path, global_step, self.plan.epochs_trained, self.plan.steps_to_skip, steps_in_epoch)
 
 
 def plan_resume(
@@ -408,9 +477,13 @@ class CheckpointMixin:
         return False
 
     # ------------------------------------------------------------------ resume
-    def _resolve_checkpoint(self, resume_from_checkpoint) -> str:
-        """The checkpoint folder to resume from (True: the newest in output_dir), with every file it holds read
-        and checked (`read_checkpoint`) before anything is changed."""
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> Resume | None:
+        """The checkpoint to resume from (True: the newest in output_dir; None or False: none), with every file it
+        holds read and checked (`read_checkpoint`) before anything is changed; then its weights loaded (before
+        accelerate wraps the model; sharded ones later, in `_prepare_for_training`) and, under
+        `auto_find_batch_size`, its batch size adopted."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
         if resume_from_checkpoint is True:
             path = last_checkpoint(self.args.output_dir)
             if path is None:
@@ -425,20 +498,62 @@ class CheckpointMixin:
                 raise CheckpointError(f"resume_from_checkpoint={path!r} is a file, not a checkpoint folder.")
             if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
                 raise CheckpointError(f"{path} has no {TRAINER_STATE_NAME}: it is not a (complete) Trainer checkpoint.")
-        self._checkpoint_files = read_checkpoint(path, self._rng_file_name())
+        resume = Resume(path, read_checkpoint(path, self._rng_file_name()))
         newest = last_checkpoint(self.args.output_dir)
         if self.args.should_save and newest is not None and os.path.samefile(newest, path):
             # A crash between a save's rename and its rotation left one checkpoint too many: finish that save.
-            best = self._checkpoint_files["trainer_state"].get("best_model_checkpoint")
+            best = resume.files["trainer_state"].get("best_model_checkpoint")
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, best)
-        return path
+        if not self.is_deepspeed_enabled and not self.is_fsdp_enabled:
+            self._load_from_checkpoint(path)  # before accelerate wraps the model
+        saved_batch_size = resume.files["trainer_state"].get("train_batch_size")
+        if saved_batch_size is not None and self.args.auto_find_batch_size:
+            self._train_batch_size = saved_batch_size  # Trainer: the batch size that fitted before
+        return resume
 
     def _checkpoint_file(self, checkpoint: str, key: str):
-        """A file of the checkpoint, as `read_checkpoint` read it (read now if this is another checkpoint)."""
-        files = getattr(self, "_checkpoint_files", None)
-        if files is None or files.get("path") != checkpoint:
-            files = self._checkpoint_files = read_checkpoint(checkpoint, self._rng_file_name())
-        return files.get(key)
+        """A file of the checkpoint: as `_resolve_checkpoint` read it, or (another checkpoint) read now."""
+        if self._resume is not None and self._resume.path == checkpoint:
+            return self._resume.files.get(key)
+        return read_checkpoint(checkpoint, self._rng_file_name()).get(key)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial) -> tuple[int, int]:
+        """A fresh `TrainerState`, or the checkpoint's; return (epochs done, micro-batches of the next epoch to skip).
+
+        Resuming follows a plan computed from the checkpoint alone (`plan_resume`): Trainer's rule (`global_step //
+        optimizer steps per epoch` epochs done, then `(global_step % optimizer steps per epoch) *
+        gradient_accumulation_steps` micro-batches), made exact where Trainer's is not. When the checkpoint was
+        written after the step that ended an epoch but before that epoch's end ran (its evaluation, logs and save),
+        the plan returns that epoch with all its micro-batches consumed: `_run_epoch` then runs only its end.
+        """
+        self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
+        self.state.is_hyper_param_search = trial is not None
+        self.state.train_batch_size = self._train_batch_size
+        self.state.compute_steps(self.args, max_steps)  # resolves ratio logging/eval/save steps
+        epochs_trained, steps_to_skip = 0, 0
+        if resume_from_checkpoint is not None:
+            self.state = trainer_state_from_json(self._checkpoint_file(resume_from_checkpoint, "trainer_state"), resume_from_checkpoint)
+            if self.state.best_model_checkpoint is not None and not os.path.isdir(self.state.best_model_checkpoint):
+                logger.warning(f"The best checkpoint {self.state.best_model_checkpoint} no longer exists; it is forgotten.")
+                self.state.best_model_checkpoint = None
+            compare_trainer_and_checkpoint_args(self.args, self.state)
+            self._load_callback_state()
+            plan = plan_resume(
+                self.state,
+                self._checkpoint_file(resume_from_checkpoint, LOOP_STATE_NAME),
+                num_update_steps_per_epoch=num_update_steps_per_epoch,
+                max_steps=max_steps,
+                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                ignore_data_skip=self.args.ignore_data_skip,
+                trainer_saved_at_epoch_end=trainer_saves_at_epoch_end(self.args),
+            )
+            epochs_trained, steps_to_skip = plan.epochs_trained, plan.steps_to_skip
+            if self._resume is not None and self._resume.path == resume_from_checkpoint:
+                self._resume.plan = plan  # the loop asks it where each epoch starts (`Resume.epoch_start`)
+                self._resume.optimizer_steps_per_epoch = num_update_steps_per_epoch
+                self._resume.micro_batches_per_step = self.args.gradient_accumulation_steps
+        self.state.init_training_references(self, max_steps, num_train_epochs, trial)
+        return epochs_trained, steps_to_skip
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the checkpoint's weights into `model` (the unwrapped model by default)."""
@@ -509,8 +624,9 @@ class CheckpointMixin:
             self.lr_scheduler.load_state_dict(scheduler_state)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{checkpoint}/{SCHEDULER_NAME} does not fit this scheduler ({err}).") from None
-        self._checkpoint_files.pop("optimizer", None)  # applied: do not keep a second copy of the big tensors
-        self._checkpoint_files.pop("scheduler", None)
+        if self._resume is not None and self._resume.path == checkpoint:
+            self._resume.files.pop("optimizer", None)  # applied: do not keep a second copy of the big tensors
+            self._resume.files.pop("scheduler", None)
 
     def _load_scaler(self, checkpoint: str) -> None:
         """fp16: the GradScaler continues with the checkpoint's loss scale."""

@@ -321,6 +321,10 @@ class BatchListContainer(EvalLoopContainer):
     arrays (padding, dtype, nesting), in linear time, at about the final size in memory.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._blocks = []  # what `to_cpu_and_numpy` moved to host memory so far, as numpy arrays
+
     def add(self, tensors) -> None:
         """Keep one batch of (nested) tensors."""
         if not self.do_nested_concat:
@@ -336,16 +340,15 @@ class BatchListContainer(EvalLoopContainer):
         if self.tensors is None:
             return
         # Trainer: what was concatenated so far goes to the host, then joins the arrays moved before it.
-        blocks = getattr(self, "_blocks", [])
-        blocks.append(nested_numpify(concat_batches(self.tensors, self.padding_index)))
-        self._blocks, self.tensors = blocks, None
+        self._blocks.append(nested_numpify(concat_batches(self.tensors, self.padding_index)))
+        self.tensors = None
 
     def get_arrays(self):
         """Everything kept, as the numpy arrays Trainer's container returns."""
         if not self.do_nested_concat:
             return super().get_arrays()
         self.to_cpu_and_numpy()
-        if getattr(self, "_blocks", None):
+        if self._blocks:
             self.arrays = concat_batches(self._blocks, self.padding_index)
         return self.arrays
 

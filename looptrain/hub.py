@@ -216,14 +216,14 @@ class HubMixin:
 
     def _finish_current_push(self) -> None:
         """Wait for a background upload to finish (at the end of training, before another push)."""
-        if getattr(self, "push_in_progress", None) is not None and not self.push_in_progress.is_done():
+        if self.push_in_progress is not None and not self.push_in_progress.is_done():
             logger.info("Waiting for the current checkpoint push to be finished, this might take a couple of minutes.")
             self.push_in_progress.wait_until_done()
         self._log_failed_pushes()
 
     def _log_failed_pushes(self) -> None:
         """looptrain: say which finished background uploads failed (Trainer drops their errors), once each."""
-        push = getattr(self, "push_in_progress", None)
+        push = self.push_in_progress
         if push is None:
             return
         for job in [job for job in push.jobs if job.done() and not job.cancelled() and job.exception() is not None]:
