@@ -187,12 +187,12 @@ class BackendMixin:
         if self.model_init is not None and (self.optimizer is not None or self.lr_scheduler is not None):
             raise RuntimeError(
                 "model_init builds a new model each train(), which an optimizer passed with optimizers= would not "
-                "follow: override create_optimizer_and_scheduler in a subclass instead."
+                "follow: override create_optimizer (and create_scheduler) in a subclass instead."
             )
         if self.is_fsdp_enabled and (self.optimizer is not None or self.lr_scheduler is not None):
             raise RuntimeError(
-                "Under FSDP the optimizer must be built on the sharded model: override create_optimizer_and_scheduler "
-                "in a subclass instead of passing optimizers=."
+                "Under FSDP the optimizer must be built on the sharded model: override create_optimizer (and "
+                "create_scheduler) in a subclass instead of passing optimizers=."
             )
         if not callable(self.data_collator) and callable(getattr(self.data_collator, "collate_batch", None)):
             raise TypeError("The data_collator must be a callable (a function, or an object with __call__).")

@@ -175,7 +175,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
     ):
         # ---- 1. Arguments and seed. Trainer: no args -> TrainingArguments(output_dir="tmp_trainer").
         self.args = args = _checked_arguments(args)
-        _refuse_overrides_never_called(type(self))
+        _check_overrides(type(self))
         processing_class = _processing_class(processing_class, tokenizer)
         # Trainer: the seed is set here, after the user built the model, before anything draws from the RNG.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -206,28 +206,10 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._validate_args()
 
-        # ---- 5. Callbacks. Trainer: DefaultFlowCallback, the reporting integrations, the user's, the progress bar.
-        # (`enable_jit_checkpoint`: looptrain's SIGTERM handling is always on while training, see preemption.py.)
-        default_callbacks = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
-        self.callback_handler = CallbackHandler(
-            default_callbacks + (callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
-        )
-        self.add_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        # ---- 5. Callbacks, the Hub repository, the output folder; the state shared with the callbacks.
+        self._setup_callbacks_and_state(callbacks)
 
-        # ---- 6. The Hub repository and the output folder.
-        self.hub_model_id = self.push_in_progress = None  # set by init_hf_repo(), the background upload (hub.py)
-        if args.push_to_hub:
-            self.init_hf_repo()
-        if args.should_save:
-            os.makedirs(args.output_dir, exist_ok=True)
-
-        # ---- 7. State, shared with the callbacks; what the loop and the mixins keep between calls.
-        self.control = TrainerControl()
-        self.state = TrainerState(
-            is_local_process_zero=self.is_local_process_zero(),
-            is_world_process_zero=self.is_world_process_zero(),
-            stateful_callbacks=self._stateful_callbacks(),
-        )
+        # ---- 6. What the loop and the mixins keep between calls.
         self.is_in_train = False
         self.hp_name = self.hp_search_backend = self._trial = None  # set by hyperparameter_search() (search.py)
         self.current_flos = 0  # this process's FLOPs since the last store_flos()
@@ -394,10 +376,10 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         and `global_step` optimizer steps.)"""
         args = self.args
         micro_batches_per_step = args.gradient_accumulation_steps  # the size of a window
-        # Where the epoch starts: its first window, or where the checkpoint left it (what to skip, when to restore the RNG).
-        at_checkpoint = resume_from_checkpoint is not None and epoch == epochs_trained
-        start = self._resume.epoch_start(steps_trained_in_current_epoch, steps_in_epoch) if at_checkpoint else EpochStart()
-        grad_norm, learning_rate = start.replay_epoch_end(self.control, self._loop)  # (None, None) but at an epoch end
+        start = EpochStart()  # a fresh epoch; or where the checkpoint left it (what to skip, when to restore the RNG)
+        if resume_from_checkpoint is not None and epoch == epochs_trained:
+            start = self._resume.epoch_start(steps_trained_in_current_epoch, steps_in_epoch)
+        grad_norm, lr = start.replay_epoch_end(self.control, self._loop)  # (None, None) but at an epoch end
         epoch_iterator = self._epoch_iterator(train_dataloader, epoch, start, num_update_steps_per_epoch)
         step = start.micro_batches_to_skip - 1  # the micro-batch of this epoch last trained on
         last_window = steps_in_epoch % micro_batches_per_step or micro_batches_per_step  # the epoch's remainder
@@ -431,40 +413,47 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
                 self.current_flos += float(self.floating_point_ops(inputs))
                 self._track_num_input_tokens(inputs)
 
-                if not do_sync_step:
-                    self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
-                else:
-                    # ---- the optimizer step, in Trainer's order: clip (and measure), step, read lr, schedule, zero
-                    grad_norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
-                    grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)
-                    self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-                    self.optimizer.step()
-                    self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
-                    learning_rate = self._get_learning_rate()  # the lr this step used
-                    # fp16: a step skipped for overflow does not advance the schedule; plateau-type ones step in `_evaluate`
-                    step_was_skipped = self.accelerator.optimizer_step_was_skipped
-                    if not step_was_skipped and not steps_on_metrics(self.lr_scheduler):
-                        self.lr_scheduler.step()
-                    model.zero_grad()
-                    self.state.global_step += 1
-                    self.state.epoch = epoch + (step + 1) / steps_in_epoch
-                    self._loop.grad_norm, self._loop.learning_rate = grad_norm, learning_rate  # looptrain_state.json
-                    if not step_was_skipped and self.accelerator.scaler is None:  # (fp16: see _stop_if_diverged)
-                        self._divergence.observe(grad_norm, self.state.global_step)  # on the device, no sync
-                    self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                    if self._preemption.requested(self.accelerator):  # SIGTERM: save at this step boundary, then stop
-                        self.control.should_save = True
-                    self._stop_if_diverged(trial)
-                    self._maybe_log_save_evaluate(self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
-                                                  start_time, learning_rate=learning_rate)
+                if do_sync_step:  # the window is complete
+                    grad_norm, lr = self._optimizer_step(model, epoch + (step + 1) / steps_in_epoch, trial)
+                    self._maybe_log_save_evaluate(
+                        self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=lr
+                    )
                     if self._preemption.stop_after_save():  # after the save, so the checkpoint does not say "stopped"
                         return
+                else:
+                    self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
             if self.control.should_epoch_stop or self.control.should_training_stop:
                 break
         yielded_nothing = step < 0 and epoch_iterator is not None
-        self._end_epoch(model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate, yielded_nothing)
+        self._end_epoch(model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, lr, yielded_nothing)
+
+    def _optimizer_step(self, model, epoch: float, trial) -> tuple:
+        """The optimizer step that ends a window, in Trainer's order: clip (and measure), step, read the lr, schedule,
+        zero; then the step's bookkeeping and `on_step_end`. Returns (grad_norm, learning_rate), which the log shows."""
+        args = self.args
+        grad_norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
+        grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)
+        self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+        self.optimizer.step()
+        self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+        learning_rate = self._get_learning_rate()  # the lr this step used
+        # fp16: a step skipped for overflow does not advance the schedule; plateau-type schedulers step in `_evaluate`.
+        step_was_skipped = self.accelerator.optimizer_step_was_skipped
+        if not step_was_skipped and not steps_on_metrics(self.lr_scheduler):
+            self.lr_scheduler.step()
+        model.zero_grad()
+        self.state.global_step += 1
+        self.state.epoch = epoch
+        self._loop.grad_norm, self._loop.learning_rate = grad_norm, learning_rate  # looptrain_state.json
+        if not step_was_skipped and self.accelerator.scaler is None:  # (fp16: see _stop_if_diverged)
+            self._divergence.observe(grad_norm, self.state.global_step)  # on the device, no sync
+        self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if self._preemption.requested(self.accelerator):  # SIGTERM: save at this step boundary, then stop
+            self.control.should_save = True
+        self._stop_if_diverged(trial)
+        return grad_norm, learning_rate
 
     def _epoch_iterator(self, train_dataloader, epoch: int, start: EpochStart, num_update_steps_per_epoch: int):
         """The epoch's batches from where it starts (None when only its end is left to run)."""
@@ -740,6 +729,28 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         """Remove a callback (instance or class)."""
         self.callback_handler.remove_callback(callback)
 
+    def _setup_callbacks_and_state(self, callbacks) -> None:
+        """Trainer: DefaultFlowCallback, the reporting integrations, the user's, the progress bar; the Hub repository
+        (`push_to_hub`) and the output folder; a fresh `TrainerControl` and `TrainerState`. (`enable_jit_checkpoint`:
+        looptrain's SIGTERM handling is always on while training, see preemption.py.)"""
+        args = self.args
+        default_callbacks = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
+        self.callback_handler = CallbackHandler(
+            default_callbacks + (callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
+        )
+        self.add_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        self.hub_model_id = self.push_in_progress = None  # set by init_hf_repo(); the background upload (hub.py)
+        if args.push_to_hub:
+            self.init_hf_repo()
+        if args.should_save:
+            os.makedirs(args.output_dir, exist_ok=True)
+        self.control = TrainerControl()
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(),
+            is_world_process_zero=self.is_world_process_zero(),
+            stateful_callbacks=self._stateful_callbacks(),
+        )
+
     def _stateful_callbacks(self) -> list:
         return [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
 
@@ -808,8 +819,25 @@ def _label_smoother(args, model) -> LabelSmoother | None:
     return LabelSmoother(epsilon=args.label_smoothing_factor)
 
 
-def _refuse_overrides_never_called(cls) -> None:
-    overridden = [name for name in NOT_CALLED if any(name in vars(c) for c in cls.__mro__ if c is not Trainer and issubclass(c, Trainer))]
+# transformers.Trainer methods that neither Trainer 5.24 nor looptrain calls from the loop, with the methods that
+# run instead. An override is allowed (a script may call it itself) but the loop would not run it: said at construction.
+NOT_CALLED_BY_THE_LOOP = {"create_optimizer_and_scheduler": "create_optimizer and create_scheduler"}
+
+
+def _check_overrides(cls) -> None:
+    """Refuse overrides of methods looptrain never calls (`NOT_CALLED`); warn about those the loop never calls."""
+    def overrides(name):
+        return any(name in vars(c) for c in cls.__mro__ if c is not Trainer and issubclass(c, Trainer))
+
+    for name, instead in NOT_CALLED_BY_THE_LOOP.items():
+        if overrides(name):
+            warnings.warn(
+                f"{cls.__name__} overrides {name}, which train() never calls (neither does transformers.Trainer): "
+                f"override {instead} instead; train() calls them.",
+                UserWarning,
+                stacklevel=4,
+            )
+    overridden = [name for name in NOT_CALLED if overrides(name)]
     if overridden:
         reasons = "; ".join(f"{name} ({NOT_CALLED[name]})" for name in overridden)
         raise TypeError(

@@ -30,7 +30,8 @@ import transformers
 from accelerate.utils import ParallelismConfig
 
 import looptrain
-import looptrain.trainer as LT_TRAINER  # the modules, where the names some tests replace are looked up
+import looptrain.backends as LT_BACKENDS  # the modules, where the names some tests replace are looked up
+import looptrain.trainer as LT_TRAINER
 import transformers.trainer as HF_TRAINER
 from helpers import (
     accuracy,
@@ -334,7 +335,7 @@ def accelerator_kwargs(monkeypatch):
         return Spy
 
     monkeypatch.setattr(HF_TRAINER, "Accelerator", spy("hf"))
-    monkeypatch.setattr(LT_TRAINER, "Accelerator", spy("lt"))
+    monkeypatch.setattr(LT_BACKENDS, "Accelerator", spy("lt"))
     return calls
 
 
