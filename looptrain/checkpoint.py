@@ -42,7 +42,6 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.trainer_pt_utils import remove_dummy_checkpoint, reissue_pt_warnings
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
-    HPSearchBackend,
     _is_peft_model,
     compare_trainer_and_checkpoint_args,
     sort_checkpoints,
@@ -196,10 +195,6 @@ class Resume:
             return EpochStart(self.path, first_window=window, micro_batches_to_skip=steps_to_skip, restore_rng_after_window=window)
         return EpochStart(self.path, restore_rng_first=True)
 
-    def describe(self, global_step: int, steps_in_epoch: int) -> str:
-        """The line a resumed run logs (`describe_resume`)."""
-        return describe_resume(self.path, global_step, self.plan.epochs_trained, self.plan.steps_to_skip, steps_in_epoch)
-
 
 def plan_resume(
     state: TrainerState,
@@ -252,10 +247,10 @@ def trainer_saves_at_epoch_end(args) -> bool:
     return strategy == "epoch" or (strategy == "best" and args.eval_strategy == "epoch")
 
 
-def describe_resume(checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, steps_in_epoch: int) -> str:
+def describe_resume(checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, only_epoch_end: bool) -> str:
     """The line a resumed run logs: from where, at which step and epoch, what it skips."""
     where = f"Resuming from {checkpoint} at step {global_step}, epoch {epochs_trained}"
-    if steps_to_skip >= steps_in_epoch:
+    if only_epoch_end:
         return f"{where}: that epoch's end (its evaluation, logs and save) runs first, then training continues."
     if steps_to_skip:
         return f"{where}: skipping the {steps_to_skip} batches of that epoch already trained on."
@@ -336,48 +331,33 @@ class CheckpointMixin:
         tokenizer = self.processing_class if self.processing_class is not None else getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w") as f:  # looptrain: JSON, not a pickle
-            # `to_json_string()` with paths written as text: HfArgumentParser makes `--generation_config DIR`
-            # a pathlib.Path, which json cannot encode.
-            f.write(json.dumps(self.args.to_dict(), indent=2, default=str))
+        write_training_args(self.args, output_dir)
 
     # ------------------------------------------------------------------ checkpoints
-    def _get_output_dir(self, trial) -> str:
-        """`output_dir`, or its `run-<id>` subfolder for a hyperparameter-search trial."""
-        if self.hp_search_backend is None or trial is None:
-            return self.args.output_dir
-        if self.hp_search_backend == HPSearchBackend.OPTUNA:
-            run_id = trial.number
-        elif self.hp_search_backend == HPSearchBackend.RAY:
-            import ray.tune
-
-            run_id = ray.tune.get_context().get_trial_id()
-        else:  # wandb
-            import wandb
-
-            run_id = wandb.run.id
-        run_name = self.hp_name(trial) if self.hp_name is not None else f"run-{run_id}"
-        return os.path.join(self.args.output_dir, run_name)
-
     def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-<global_step>/`: into a temporary folder, renamed when complete; then rotate."""
+        """Write `checkpoint-<global_step>/` (`_write_checkpoint`), upload it (`push_to_hub`), rotate."""
         args = self.args
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
-        output_dir = os.path.join(run_dir, name)
-        staging_dir = os.path.join(run_dir, TMP_PREFIX + name)
+        self._update_best_model_checkpoint(run_dir)  # the state written below names the best checkpoint
+        output_dir = self._write_checkpoint(run_dir)
+        if args.push_to_hub:
+            self._push_from_checkpoint(output_dir)
+        if args.should_save:
+            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _write_checkpoint(self, run_dir: str) -> str:
+        """Write every file of `run_dir/checkpoint-<global_step>/`, each by its one writer: into a temporary folder,
+        renamed when complete. Every checkpoint is written here (a save during training, a hyperparameter-search
+        trial's). Collective: every process calls it. Returns the checkpoint's folder."""
+        args = self.args
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        output_dir, staging_dir = os.path.join(run_dir, name), os.path.join(run_dir, TMP_PREFIX + name)
         if args.should_save:
             _remove_debris(run_dir)  # what a crash in an earlier save or rotation left behind
         self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is cleared
-        self.save_model(staging_dir, _internal_call=True)
-        # Trainer: the best checkpoint is known once its folder exists (it may be the one being written).
-        if args.save_strategy in ("steps", "epoch", "best") and self.state.best_global_step:
-            self.accelerator.wait_for_everyone()
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.exists(best_dir) or self.state.best_global_step == self.state.global_step:
-                self.state.best_model_checkpoint = best_dir
+        self.save_model(staging_dir, _internal_call=True)  # the model, tokenizer, training_args.json
         if not args.save_only_model:
             self._save_optimizer_and_scheduler(staging_dir)
             self._save_scaler(staging_dir)
@@ -388,18 +368,14 @@ class CheckpointMixin:
             # the oldest entries; here each save holds the current state of each callback.)
             fresh = TrainerState(stateful_callbacks=self._stateful_callbacks()).stateful_callbacks
             self.state.stateful_callbacks = {**(self.state.stateful_callbacks or {}), **fresh}
-            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
+            write_trainer_state(self.state, staging_dir)
             if loop_state is not None:
-                with open(os.path.join(staging_dir, LOOP_STATE_NAME), "w") as f:
-                    json.dump(loop_state, f, indent=2)
+                write_loop_state(loop_state, staging_dir)
         self.accelerator.wait_for_everyone()  # every process's files (its RNG state) are in the staging folder
         if args.should_save:
             _publish(staging_dir, output_dir)
         self.accelerator.wait_for_everyone()
-        if args.push_to_hub:
-            self._push_from_checkpoint(output_dir)
-        if args.should_save:
-            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+        return output_dir
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """`optimizer.pt` and `scheduler.pt` (under DeepSpeed and FSDP, their own sharded files)."""
@@ -453,28 +429,6 @@ class CheckpointMixin:
             for checkpoint in sort_checkpoints(run_dir, best_model_checkpoint=self.state.best_model_checkpoint):
                 if not os.path.samefile(checkpoint, self.state.best_model_checkpoint):
                     _remove_checkpoint(checkpoint)
-
-    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
-        """Trainer: compare `eval_<metric_for_best_model>` with the best so far; record step and value."""
-        args = self.args
-        if args.metric_for_best_model is None:
-            return False
-        key = args.metric_for_best_model
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        if key not in metrics:
-            raise KeyError(
-                f"metric_for_best_model={args.metric_for_best_model!r} looks for {key!r}, which the evaluation did "
-                f"not return; it returned {list(metrics)}. Return it from compute_metrics or change the argument."
-            )
-        better = np.greater if args.greater_is_better else np.less
-        if self.state.best_metric is None:
-            self.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
-        if better(metrics[key], self.state.best_metric):
-            self.state.best_metric = metrics[key]
-            if args.save_strategy in ("steps", "epoch", "best"):
-                self.state.best_global_step = self.state.global_step
-            return True
-        return False
 
     # ------------------------------------------------------------------ resume
     def _resolve_checkpoint(self, resume_from_checkpoint) -> Resume | None:
@@ -552,6 +506,9 @@ class CheckpointMixin:
                 self._resume.plan = plan  # the loop asks it where each epoch starts (`Resume.epoch_start`)
                 self._resume.optimizer_steps_per_epoch = num_update_steps_per_epoch
                 self._resume.micro_batches_per_step = self.args.gradient_accumulation_steps
+            # looptrain: said at WARNING, Trainer's default verbosity, so that a resumed run never goes unnoticed.
+            only_epoch_end = steps_to_skip >= num_update_steps_per_epoch * self.args.gradient_accumulation_steps
+            logger.warning(describe_resume(resume_from_checkpoint, self.state.global_step, epochs_trained, steps_to_skip, only_epoch_end))
         self.state.init_training_references(self, max_steps, num_train_epochs, trial)
         return epochs_trained, steps_to_skip
 
@@ -938,6 +895,27 @@ def read_json(path: str) -> dict:
 
 
 # ====================================================================================== files on the disk
+# One writer per file of a checkpoint: the model files (`_save`), `training_args.json`, `trainer_state.json`,
+# `looptrain_state.json` (here), `optimizer.pt` / `scheduler.pt` (`_save_optimizer_and_scheduler`), `scaler.pt`
+# (`_save_scaler`), `rng_state*.pth` (`_save_rng_state`). hub.py and search.py write through them too.
+def write_training_args(args, folder: str) -> None:
+    """`training_args.json` (looptrain: JSON, not Trainer's pickled `training_args.bin`): `to_json_string()` with
+    paths written as text (HfArgumentParser makes `--generation_config DIR` a pathlib.Path, which json cannot encode)."""
+    with open(os.path.join(folder, TRAINING_ARGS_NAME), "w") as f:
+        f.write(json.dumps(args.to_dict(), indent=2, default=str))
+
+
+def write_trainer_state(state: TrainerState, folder: str) -> None:
+    """`trainer_state.json`, Trainer's format (`TrainerState.save_to_json`)."""
+    state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+
+def write_loop_state(loop_state: dict, folder: str) -> None:
+    """`looptrain_state.json`: the loop's running state (`LoopState.to_json`)."""
+    with open(os.path.join(folder, LOOP_STATE_NAME), "w") as f:
+        json.dump(loop_state, f, indent=2)
+
+
 def rotate_checkpoints(run_dir: str, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
     """Trainer's rotation (`trainer_utils.rotate_checkpoints`): keep the newest and the best, delete the oldest
     others until `save_total_limit` remain. looptrain: each deletion is a rename first, so a crash never leaves

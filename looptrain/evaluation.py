@@ -10,6 +10,7 @@ Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 
@@ -25,6 +26,7 @@ from transformers.trainer_pt_utils import (
     nested_numpify,
 )
 from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
     EvalLoopOutput,
     EvalPrediction,
     PredictionOutput,
@@ -117,6 +119,36 @@ class EvaluationMixin:
                 )
             self.lr_scheduler.step(metrics[key])
         return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """Trainer: compare `eval_<metric_for_best_model>` with the best so far; record step and value."""
+        args = self.args
+        if args.metric_for_best_model is None:
+            return False
+        key = args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        if key not in metrics:
+            raise KeyError(
+                f"metric_for_best_model={args.metric_for_best_model!r} looks for {key!r}, which the evaluation did "
+                f"not return; it returned {list(metrics)}. Return it from compute_metrics or change the argument."
+            )
+        better = np.greater if args.greater_is_better else np.less
+        if self.state.best_metric is None:
+            self.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
+        if better(metrics[key], self.state.best_metric):
+            self.state.best_metric = metrics[key]
+            if args.save_strategy in ("steps", "epoch", "best"):
+                self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    def _update_best_model_checkpoint(self, run_dir: str) -> None:
+        """Before a save: Trainer's best checkpoint is known once its folder exists (it may be the one being written)."""
+        if self.args.save_strategy in ("steps", "epoch", "best") and self.state.best_global_step:
+            self.accelerator.wait_for_everyone()
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.exists(best_dir) or self.state.best_global_step == self.state.global_step:
+                self.state.best_model_checkpoint = best_dir
 
     def evaluation_loop(
         self, dataloader, description: str, prediction_loss_only: bool | None = None, ignore_keys=None, metric_key_prefix: str = "eval"

@@ -38,7 +38,7 @@ from transformers.utils import (
     logging,
 )
 
-from .checkpoint import TMP_PREFIX
+from .checkpoint import TMP_PREFIX, write_training_args
 
 logger = logging.get_logger(__name__)
 
@@ -187,8 +187,7 @@ class HubMixin:
                 shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
-            f.write(self.args.to_json_string())
+        write_training_args(self.args, output_dir)  # looptrain: the one writer of training_args.json (checkpoint.py)
         if self.args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:

@@ -6,18 +6,25 @@ Reading order (each a method of `Trainer`, in this file, in this order):
                                  the checkpoint to resume from; then the loop, retried with a smaller batch
                                  under `auto_find_batch_size`.
   3. `_inner_training_loop`      the loop, as a few named phases:
-       `set_initial_training_values`   how many micro-batches, optimizer steps and epochs;
-       `_init_training_state`          a fresh `TrainerState`, or the checkpoint's and where to resume;
-       `_prepare_for_training`         optimizer, accelerate.prepare, schedule, the checkpoint's optimizer state;
-       `_run_epoch` (per epoch)        windows of `gradient_accumulation_steps` micro-batches, one optimizer
-                                       step each, then log / evaluate / save;
+       `set_initial_training_values`   how many micro-batches, optimizer steps and epochs (a `TrainingPlan`);
+       `_init_training_state`          a fresh `TrainerState`, or the checkpoint's (checkpoint.py);
+       `_prepare_for_training`         optimizer, accelerate.prepare, schedule (backends.py);
+       `_run_epoch` (per epoch)        windows of `gradient_accumulation_steps` micro-batches; each window
+                                       ends in `_optimizer_step`, then log / evaluate / save;
        `_finalize_training`            the summary log, the best model, `on_train_end`.
   4. `training_step`, `compute_loss`   one forward and backward.
   5. `_maybe_log_save_evaluate`, `log` what happens after an optimizer step.
+Words: a micro-batch is one batch of the dataloader (Trainer's `step`, `steps_in_epoch`); a window is the
+`gradient_accumulation_steps` micro-batches of one optimizer step (Trainer's `update_step`, `global_step`,
+`max_steps`, `num_update_steps_per_epoch`).
+
 The methods keep Trainer's names, signatures and call order, so a subclass written for `transformers.Trainer`
-overrides the same points here. Around the loop, one module per concern: data (`data.py`), optimizer and
-schedule (`optim.py`), evaluation (`evaluation.py`), checkpoints and resume (`checkpoint.py`), SIGTERM
-(`preemption.py`), the Hub (`hub.py`), hyperparameter search (`search.py`), the arguments (`training_args.py`).
+overrides the same points here. The plain single-process path reads without meeting a backend: setup and each
+backend's special case sit behind a named method in `backends.py` (the accelerator, device placement,
+DeepSpeed, FSDP, model parallelism). Around the loop, one module per concern: data (`data.py`), optimizer and
+schedule (`optim.py`), evaluation (`evaluation.py`), checkpoints and resuming (`checkpoint.py`, where
+`Resume` is the checkpoint a run continues from, read once), SIGTERM (`preemption.py`), the Hub (`hub.py`),
+hyperparameter search (`search.py`), the arguments (`training_args.py`), bad input (`checks.py`).
 
 Comments marked "Trainer:" name a behaviour copied from Trainer on purpose, usually because parity depends on
 it; "looptrain:" marks where looptrain deliberately does something else. `../docs/how-trainer-works.md` walks
@@ -267,7 +274,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
                 raise ValueError("debug='underflow_overflow' does not work under DataParallel; launch one process per GPU.")
             DebugUnderflowOverflow(self.model)
 
-        # looptrain: every file of the checkpoint is read and checked before anything is changed (checkpoint.Resume).
+        # looptrain: every file of the checkpoint is read and checked before anything is changed.
         self._resume = self._resolve_checkpoint(resume_from_checkpoint)
 
         # looptrain: labels outside the model's classes, sequences longer than its positions, said before any step.
@@ -300,8 +307,6 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         # ---- 3. Optimizer, accelerate.prepare, schedule, and the checkpoint's optimizer state (backends.py).
         model, train_dataloader = self._prepare_for_training(plan.max_steps, train_dataloader, resume_from_checkpoint)
         logger.info(plan.describe(self._train_batch_size, args, get_model_param_count(model, trainable_only=True)))
-        if self._resume is not None:  # looptrain: at WARNING, Trainer's default verbosity, so that it is never missed
-            logger.warning(self._resume.describe(self.state.global_step, plan.micro_batches_per_epoch))
 
         # ---- 4. The running loss: a float32 sum on the device (no host sync per step) until the next log; with a
         # checkpoint, the loss it had summed since its last log, its last norm and lr (looptrain: Trainer loses them).
