@@ -58,6 +58,7 @@ class ParallelSizes(NamedTuple):
 
     @property
     def sharing_a_batch(self) -> int:
+        """Ranks that see the same batch: the batch count divides by it."""
         return self.tp * self.cp * self.sp
 
 

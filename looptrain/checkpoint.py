@@ -179,6 +179,7 @@ class Resume:
 
     @property
     def loop_state(self) -> dict | None:
+        """The parsed `looptrain_state.json` (None in a transformers.Trainer checkpoint)."""
         return self.files.get(LOOP_STATE_NAME)
 
     def epoch_start(self, steps_to_skip: int, steps_in_epoch: int) -> EpochStart:

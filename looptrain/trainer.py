@@ -118,6 +118,7 @@ class TrainingPlan:
     max_steps: int  # optimizer steps in all
 
     def describe(self, batch_size: int, args, trainable_parameters: int) -> str:
+        """The line logged when training starts."""
         return (
             f"***** Running training *****  examples={self.num_examples:,} epochs={self.num_train_epochs:,} "
             f"batch={batch_size} x accumulation {args.gradient_accumulation_steps} x processes {args.world_size} = "
