@@ -347,7 +347,7 @@ class EvaluationMixin:
 class BatchListContainer(EvalLoopContainer):
     """transformers' `EvalLoopContainer` (what Trainer keeps predictions in), with the same results built in one pass.
 
-    Performance (issue 6): Trainer concatenates each batch onto everything before it (`nested_concat`), so every
+    Performance: Trainer concatenates each batch onto everything before it (`nested_concat`), so every
     batch copies all earlier predictions again (quadratic time) and the last one needs twice the final size.
     Here the batches are listed, and concatenated once when the arrays are read (`concat_batches`): the same
     arrays (padding, dtype, nesting), in linear time, at about the final size in memory.
