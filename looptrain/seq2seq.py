@@ -129,7 +129,7 @@ class Seq2SeqTrainer(Trainer):
         try:
             gen_config.validate(strict=True)
         except ValueError as exc:
-            raise ValueError(str(exc) + "\n\nFix these issues to train your model.")
+            raise ValueError(str(exc) + "\n\nFix these issues to train your model.") from None
         return gen_config
 
     # ======================================================================================= entry points

@@ -194,7 +194,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         self._memory_tracker = TrainerMemoryTracker(args.skip_memory_metrics)
         self._memory_tracker.start()
         logging.set_verbosity(args.get_process_log_level())
-        args._setup_devices
+        args._setup_devices  # noqa: B018 (Trainer: the property sets up the devices)
 
         # ---- 3. The model (given, or built by model_init), checked and placed on the device; its loss and labels.
         self.model_init = model_init

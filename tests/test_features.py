@@ -209,7 +209,7 @@ def test_auto_find_batch_size_resume_starts_from_the_saved_batch_size(tmp_path):
     args = {**BASE, "auto_find_batch_size": True, "save_strategy": "steps", "save_steps": 4, "max_steps": 6}
     first = run_pair(tmp_path / "first", oom_above(FITS), args=args)
     resumed = []
-    for (trainer, _), name in zip(first, ("hf", "lt")):
+    for (_trainer, _), name in zip(first, ("hf", "lt")):
         lib = transformers if name == "hf" else looptrain
         again = lib.Trainer(model=oom_above(FITS)(), train_dataset=TRAIN, args=lib.TrainingArguments(
             output_dir=str(tmp_path / "first" / name), use_cpu=True, report_to="none", disable_tqdm=True, **args))
