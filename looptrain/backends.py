@@ -9,7 +9,7 @@ Each concern is one named seam, a method of `BackendMixin` (mixed into `looptrai
     `_update_auto_batch_size`;
   * preparing for training: `_prepare_for_training` (optimizer, `accelerate.prepare`, schedule; DeepSpeed's and
     FSDP's orders);
-  * parallelism: `parallel_sizes` (tensor, context, sequence: the one place they are read), `get_tp_size`,
+  * parallelism: `_parallel_sizes` (tensor, context, sequence: the one place they are read), `get_tp_size`,
     `get_cp_size`, `get_sp_size`, `get_total_train_batch_size`, `_prepare_context_parallel_inputs`,
     `_sequence_parallel_loss`;
   * one micro-batch: `_prepare_input(s)` (device placement), `_backward_kwargs`, `_clip_grad_norm`, `_get_grad_norm`,
@@ -95,7 +95,7 @@ class BackendMixin:
         return getattr(self.accelerator, "parallelism_config", None)
 
     @property
-    def parallel_sizes(self) -> ParallelSizes:
+    def _parallel_sizes(self) -> ParallelSizes:
         """The tensor-, context- and sequence-parallel sizes (Trainer's `get_tp_size`, `get_cp_size`, `get_sp_size`)."""
         return ParallelSizes(self.get_tp_size(), self.get_cp_size(), self.get_sp_size())
 
@@ -355,7 +355,7 @@ class BackendMixin:
     # ============================================================================ batch sizes and parallelism
     def get_total_train_batch_size(self, args) -> int:
         """Examples per optimizer step: micro-batch x accumulation x data-parallel ranks."""
-        dp_world_size = args.world_size // self.parallel_sizes.sharing_a_batch
+        dp_world_size = args.world_size // self._parallel_sizes.sharing_a_batch
         return self._train_batch_size * args.gradient_accumulation_steps * dp_world_size
 
     def get_sp_size(self) -> int:
@@ -458,7 +458,7 @@ class BackendMixin:
     def _prepare_context_parallel_inputs(self, model, inputs):
         """Trainer: under context parallelism (accelerate's ParallelismConfig cp_size > 1) the sequence dimension
         of the batch is split across ranks; returns (the context that splits it, the inputs)."""
-        pc = self._parallelism
+        pc = getattr(self.accelerator, "parallelism_config", None)  # (per micro-batch: no property call)
         if pc is None or not pc.cp_enabled:
             return contextlib.nullcontext, inputs
         if pc.cp_backend == "torch":

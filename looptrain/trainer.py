@@ -706,7 +706,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
             if self.args.n_gpu > 1 and num_items.dim() == 0:
                 num_items = num_items.unsqueeze(0).expand(self.args.n_gpu, -1)
             # Trainer: divided by the ranks that see the same batch (tensor/context/sequence parallel): a float.
-            num_items = num_items / self.parallel_sizes.sharing_a_batch
+            num_items = num_items / self._parallel_sizes.sharing_a_batch
         return num_items
 
     # ====================================================================================== model, callbacks
