@@ -209,8 +209,8 @@ def plan_resume(
 ) -> ResumePlan:
     """Where to resume, from a checkpoint's `TrainerState` and `looptrain_state.json` alone (no Trainer).
 
-    Trainer's rule: `global_step // steps per epoch` epochs are done, and `(global_step % steps per epoch) * GA`
-    micro-batches of the next. looptrain refines it:
+    Trainer's rule: `global_step // optimizer steps per epoch` epochs are done, and `(global_step % optimizer steps
+    per epoch) * gradient_accumulation_steps` micro-batches of the next. looptrain refines it:
       * a checkpoint saved by the epoch-end log/evaluate/save continues with the next epoch;
       * one saved after the optimizer step that ended an epoch (its last window, max_steps, a callback's stop)
         precedes that epoch's end (its evaluation, one draw from the global RNG, its logs): the plan returns
@@ -220,24 +220,25 @@ def plan_resume(
     A transformers.Trainer checkpoint has no `looptrain_state.json`: when it saved is inferred from the save
     strategy (`trainer_saved_at_epoch_end`).
     """
-    nupe, GA = num_update_steps_per_epoch, gradient_accumulation_steps
+    # windows (optimizer steps) per epoch, and micro-batches per window
+    per_epoch, per_window = num_update_steps_per_epoch, gradient_accumulation_steps
     global_step = int(state.global_step)
-    epochs_trained = global_step // nupe
-    steps_to_skip = 0 if ignore_data_skip else (global_step % nupe) * GA
+    epochs_trained = global_step // per_epoch
+    steps_to_skip = 0 if ignore_data_skip else (global_step % per_epoch) * per_window
     saved_control = (state.stateful_callbacks or {}).get(TrainerControl.__name__, {})
     saved_control = saved_control.get("args", {}) if isinstance(saved_control, dict) else {}
     finished = global_step >= max_steps
     saved_at_epoch_end = loop_state["saved_at"] == "epoch_end" if loop_state is not None else trainer_saved_at_epoch_end
     if saved_at_epoch_end:
-        epochs_trained, steps_to_skip = (global_step - 1) // nupe + 1, 0  # that epoch is over
+        epochs_trained, steps_to_skip = (global_step - 1) // per_epoch + 1, 0  # that epoch is over
     elif global_step > 0:
         # Saved after an optimizer step. Did that step end its epoch (last window, max_steps, a callback)?
         stopped = finished or bool(saved_control.get("should_training_stop") and global_step < (state.max_steps or 0))
-        if global_step % nupe == 0 or stopped or saved_control.get("should_epoch_stop"):
+        if global_step % per_epoch == 0 or stopped or saved_control.get("should_epoch_stop"):
             # every micro-batch of that epoch counts as consumed: only its end is left to run
-            return ResumePlan((global_step - 1) // nupe, steps_to_skip=nupe * GA, training_stopped=stopped)
+            return ResumePlan((global_step - 1) // per_epoch, steps_to_skip=per_epoch * per_window, training_stopped=stopped)
     if finished:
-        epochs_trained = max(epochs_trained, global_step // nupe + 1)  # nothing is left to train
+        epochs_trained = max(epochs_trained, global_step // per_epoch + 1)  # nothing is left to train
     return ResumePlan(epochs_trained, steps_to_skip)
 
 
