@@ -498,52 +498,6 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         finally:
             self._loop.at_epoch_end = False
 
-    def _finalize_training(self, trial, num_train_samples, start_time) -> TrainOutput:
-        """The summary log (Trainer's `train_loss` is the mean of the losses of this call), the best model,
-        `on_train_end`."""
-        self._stop_if_diverged(trial, at_the_end=True)  # no diverged model is returned
-        self._total_loss_scalar += self._tr_loss.item()
-        num_steps = self.state.global_step - self._initial_global_step
-        train_loss = self._total_loss_scalar / max(num_steps, 0.001)
-        metrics = speed_metrics(
-            "train",
-            start_time,
-            # Trainer: `num_train_samples` covers the whole schedule; this call ran only part of it.
-            num_samples=num_train_samples * num_steps / max(self.state.max_steps, 1),
-            num_steps=num_steps,
-        )
-        self.store_flos()
-        metrics["total_flos"] = self.state.total_flos
-        metrics["train_loss"] = train_loss
-        self._memory_tracker.stop_and_update_metrics(metrics)
-        self.log(metrics)
-        preempted = self._preemption.stopped  # the newest checkpoint is the one to resume from: keep it, load nothing
-        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None and not preempted:
-            self._load_best_model()
-        run_dir = self._get_output_dir(trial)
-        if not preempted:
-            self._delete_non_best_checkpoints(run_dir)
-        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        self._finish_current_push()
-        if self.neftune_noise_alpha is not None:
-            deactivate_neftune(self.model, self.neftune_hook_handle, self.accelerator)
-        self.is_in_train = False
-        return TrainOutput(self.state.global_step, train_loss, metrics)
-
-    def _stop_if_diverged(self, trial, at_the_end: bool = False) -> None:
-        """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), and at the end, stop
-        a run whose gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
-        due = at_the_end or self.control.should_log or self.control.should_evaluate or self.control.should_save
-        if self.raise_on_divergence and due:
-            if self.accelerator.scaler is not None:
-                self._divergence.observe_weights(self.model, self.state.global_step)
-            self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
-
-    @property
-    def preempted(self) -> bool:
-        """Whether the last `train()` stopped early on SIGTERM; its newest checkpoint is where to resume."""
-        return self._preemption.stopped
-
     # ============================================================================================== one step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the loss that is added to the logged sum."""
@@ -668,6 +622,53 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
                 logs.update(speed_metrics("train", start_time, num_tokens=tokens))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # ============================================================================================ the end
+    def _finalize_training(self, trial, num_train_samples, start_time) -> TrainOutput:
+        """The summary log (Trainer's `train_loss` is the mean of the losses of this call), the best model,
+        `on_train_end`."""
+        self._stop_if_diverged(trial, at_the_end=True)  # no diverged model is returned
+        self._total_loss_scalar += self._tr_loss.item()
+        num_steps = self.state.global_step - self._initial_global_step
+        train_loss = self._total_loss_scalar / max(num_steps, 0.001)
+        metrics = speed_metrics(
+            "train",
+            start_time,
+            # Trainer: `num_train_samples` covers the whole schedule; this call ran only part of it.
+            num_samples=num_train_samples * num_steps / max(self.state.max_steps, 1),
+            num_steps=num_steps,
+        )
+        self.store_flos()
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = train_loss
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        self.log(metrics)
+        preempted = self._preemption.stopped  # the newest checkpoint is the one to resume from: keep it, load nothing
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None and not preempted:
+            self._load_best_model()
+        run_dir = self._get_output_dir(trial)
+        if not preempted:
+            self._delete_non_best_checkpoints(run_dir)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self._finish_current_push()
+        if self.neftune_noise_alpha is not None:
+            deactivate_neftune(self.model, self.neftune_hook_handle, self.accelerator)
+        self.is_in_train = False
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _stop_if_diverged(self, trial, at_the_end: bool = False) -> None:
+        """looptrain: before a log, an evaluation or a save (where the loop synchronises anyway), and at the end, stop
+        a run whose gradients became NaN/inf, so that no non-finite checkpoint is written (`checks.DivergenceGuard`)."""
+        due = at_the_end or self.control.should_log or self.control.should_evaluate or self.control.should_save
+        if self.raise_on_divergence and due:
+            if self.accelerator.scaler is not None:
+                self._divergence.observe_weights(self.model, self.state.global_step)
+            self._divergence.check(lambda: ckpt.last_checkpoint(self._get_output_dir(trial)))
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the last `train()` stopped early on SIGTERM; its newest checkpoint is where to resume."""
+        return self._preemption.stopped
 
     # ========================================================================================= step helpers
     def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, torch.Tensor | None]:

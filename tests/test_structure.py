@@ -219,3 +219,22 @@ def test_no_hidden_state_behind_getattr():
         if pattern.search(line)
     ]
     assert not offenders
+
+
+def test_the_loop_reads_without_meeting_a_backend():
+    """trainer.py is the loop, in reading order: few lines name a backend (they sit behind named methods in
+    backends.py), no method is longer than a screen or two, and `train` comes right after `__init__`
+    (scripts/reading_counts.py prints the same counts)."""
+    sys.path.insert(0, str(PACKAGE.parent / "scripts"))
+    try:
+        from reading_counts import counts
+    finally:
+        sys.path.pop(0)
+    found = counts(PACKAGE / "trainer.py")
+    assert found["backend_lines"] <= 25, found
+    assert found["methods_over_80"] == [], found
+    source = (PACKAGE / "trainer.py").read_text()
+    assert source.index("    def __init__(") < source.index("    def train(") < source.index("    def _inner_training_loop(")
+    assert source.index("    def _inner_training_loop(") < source.index("    def _run_epoch(") < source.index("    def training_step(")
+    order = ["training_step", "compute_loss", "_maybe_log_save_evaluate", "log", "_finalize_training"]
+    assert [source.index(f"    def {name}(") for name in order] == sorted(source.index(f"    def {name}(") for name in order)
