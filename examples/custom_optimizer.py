@@ -56,7 +56,9 @@ class LayerwiseLrMixin:
             # Head first: Trainer logs the learning rate of param_groups[0].
             ordered = [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
             betas = (self.args.adam_beta1, self.args.adam_beta2)
-            self.optimizer = torch.optim.AdamW(ordered, lr=self.args.learning_rate, betas=betas, eps=self.args.adam_epsilon)
+            self.optimizer = torch.optim.AdamW(
+                ordered, lr=self.args.learning_rate, betas=betas, eps=self.args.adam_epsilon
+            )
         return self.optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):

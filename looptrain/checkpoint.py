@@ -40,7 +40,12 @@ import numpy as np
 import torch
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import remove_dummy_checkpoint, reissue_pt_warnings
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HPSearchBackend, _is_peft_model, sort_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    _is_peft_model,
+    compare_trainer_and_checkpoint_args,
+    sort_checkpoints,
+)
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -88,9 +93,13 @@ class LoopState:
     at_epoch_end: bool = False
 
     @classmethod
-    def start(cls, global_step: int, device) -> "LoopState":
-        """Trainer's fresh counters at the start of `train()`."""
-        return cls(tr_loss=torch.tensor(0.0, device=device), globalstep_last_logged=global_step)
+    def start(cls, global_step: int, device, resume: Resume | None = None, process_index: int = 0) -> LoopState:
+        """Trainer's fresh counters at the start of `train()`; with a checkpoint, continued from its
+        `looptrain_state.json` (looptrain: the loss summed since the last log, the last norm and learning rate)."""
+        loop = cls(tr_loss=torch.tensor(0.0, device=device), globalstep_last_logged=global_step)
+        if resume is not None:
+            loop.restore(resume.loop_state, process_index)
+        return loop
 
     def to_json(self, accelerator) -> dict:
         """The JSON object of `looptrain_state.json`. Collective: every process must call it (each process sums
@@ -132,6 +141,62 @@ class ResumePlan:
     training_stopped: bool = False
 
 
+@dataclass(frozen=True)
+class EpochStart:
+    """Where `_run_epoch` starts an epoch: what to skip and when to restore the checkpoint's RNG. The default is a
+    fresh epoch: its first window, nothing skipped, nothing restored."""
+
+    checkpoint: str | None = None  # the checkpoint whose RNG state is restored
+    first_window: int = 0  # the epoch's optimizer steps (windows) already done
+    micro_batches_to_skip: int = 0  # consumed by the checkpoint's run; skipped at the sampler, never collated
+    restore_rng_first: bool = False  # before the epoch's iterator draws from the RNG
+    restore_rng_after_window: int | None = None  # once this window is fetched (overwrites the skipping iterator's draw)
+    only_epoch_end: bool = False  # the checkpoint precedes this epoch's end: only the end is left to run
+    training_stopped: bool = False  # ... and training had been told to stop at the checkpoint's step
+
+    def replay_epoch_end(self, control: TrainerControl, loop: LoopState) -> tuple:
+        """For an epoch whose end alone is left: the control flags as the uninterrupted run had them after its save
+        (the step's log, evaluation and save were done; whether training was stopping is the checkpoint's), and the
+        last step's (grad_norm, learning_rate), which the end's log repeats. (None, None) otherwise."""
+        if not self.only_epoch_end:
+            return None, None
+        control.should_log = control.should_evaluate = control.should_save = False
+        control.should_training_stop = self.training_stopped
+        return loop.grad_norm, loop.learning_rate
+
+
+@dataclass
+class Resume:
+    """The checkpoint a `train()` resumes from, as one value: made once by `_resolve_checkpoint` (the folder, every
+    file read and checked), planned once by `_init_training_state` (`plan`), then asked by the loop: the loop state
+    (`LoopState.start`), where each epoch starts (`epoch_start`), the optimizer, scheduler, scaler and RNG files."""
+
+    path: str
+    files: dict  # `read_checkpoint`'s: trainer_state, looptrain_state.json, optimizer, scheduler, scaler, rng
+    plan: ResumePlan | None = None
+    optimizer_steps_per_epoch: int = 1
+    micro_batches_per_step: int = 1  # gradient_accumulation_steps
+
+    @property
+    def loop_state(self) -> dict | None:
+        """The parsed `looptrain_state.json` (None in a transformers.Trainer checkpoint)."""
+        return self.files.get(LOOP_STATE_NAME)
+
+    def epoch_start(self, steps_to_skip: int, steps_in_epoch: int) -> EpochStart:
+        """Where the first epoch of the resumed run starts, from `steps_to_skip` of its `steps_in_epoch` micro-batches."""
+        if steps_to_skip >= steps_in_epoch:
+            # looptrain: the checkpoint precedes this epoch's end (see `plan_resume`): nothing is left to train in it.
+            # Its end runs from the checkpoint's RNG, with the last step's norm and learning rate.
+            return EpochStart(self.path, first_window=self.optimizer_steps_per_epoch, restore_rng_first=True,
+                              only_epoch_end=True, training_stopped=self.plan is not None and self.plan.training_stopped)
+        if steps_to_skip > 0:
+            # Trainer: the consumed batches are skipped at the sampler; the RNG is restored once the first window
+            # is fetched (creating the skipping iterator drew from it).
+            window = steps_to_skip // self.micro_batches_per_step
+            return EpochStart(self.path, first_window=window, micro_batches_to_skip=steps_to_skip, restore_rng_after_window=window)
+        return EpochStart(self.path, restore_rng_first=True)
+
+
 def plan_resume(
     state: TrainerState,
     loop_state: dict | None,
@@ -144,8 +209,8 @@ def plan_resume(
 ) -> ResumePlan:
     """Where to resume, from a checkpoint's `TrainerState` and `looptrain_state.json` alone (no Trainer).
 
-    Trainer's rule: `global_step // steps per epoch` epochs are done, and `(global_step % steps per epoch) * GA`
-    micro-batches of the next. looptrain refines it:
+    Trainer's rule: `global_step // optimizer steps per epoch` epochs are done, and `(global_step % optimizer steps
+    per epoch) * gradient_accumulation_steps` micro-batches of the next. looptrain refines it:
       * a checkpoint saved by the epoch-end log/evaluate/save continues with the next epoch;
       * one saved after the optimizer step that ended an epoch (its last window, max_steps, a callback's stop)
         precedes that epoch's end (its evaluation, one draw from the global RNG, its logs): the plan returns
@@ -155,24 +220,25 @@ def plan_resume(
     A transformers.Trainer checkpoint has no `looptrain_state.json`: when it saved is inferred from the save
     strategy (`trainer_saved_at_epoch_end`).
     """
-    nupe, GA = num_update_steps_per_epoch, gradient_accumulation_steps
+    # windows (optimizer steps) per epoch, and micro-batches per window
+    per_epoch, per_window = num_update_steps_per_epoch, gradient_accumulation_steps
     global_step = int(state.global_step)
-    epochs_trained = global_step // nupe
-    steps_to_skip = 0 if ignore_data_skip else (global_step % nupe) * GA
+    epochs_trained = global_step // per_epoch
+    steps_to_skip = 0 if ignore_data_skip else (global_step % per_epoch) * per_window
     saved_control = (state.stateful_callbacks or {}).get(TrainerControl.__name__, {})
     saved_control = saved_control.get("args", {}) if isinstance(saved_control, dict) else {}
     finished = global_step >= max_steps
     saved_at_epoch_end = loop_state["saved_at"] == "epoch_end" if loop_state is not None else trainer_saved_at_epoch_end
     if saved_at_epoch_end:
-        epochs_trained, steps_to_skip = (global_step - 1) // nupe + 1, 0  # that epoch is over
+        epochs_trained, steps_to_skip = (global_step - 1) // per_epoch + 1, 0  # that epoch is over
     elif global_step > 0:
         # Saved after an optimizer step. Did that step end its epoch (last window, max_steps, a callback)?
         stopped = finished or bool(saved_control.get("should_training_stop") and global_step < (state.max_steps or 0))
-        if global_step % nupe == 0 or stopped or saved_control.get("should_epoch_stop"):
+        if global_step % per_epoch == 0 or stopped or saved_control.get("should_epoch_stop"):
             # every micro-batch of that epoch counts as consumed: only its end is left to run
-            return ResumePlan((global_step - 1) // nupe, steps_to_skip=nupe * GA, training_stopped=stopped)
+            return ResumePlan((global_step - 1) // per_epoch, steps_to_skip=per_epoch * per_window, training_stopped=stopped)
     if finished:
-        epochs_trained = max(epochs_trained, global_step // nupe + 1)  # nothing is left to train
+        epochs_trained = max(epochs_trained, global_step // per_epoch + 1)  # nothing is left to train
     return ResumePlan(epochs_trained, steps_to_skip)
 
 
@@ -183,10 +249,10 @@ def trainer_saves_at_epoch_end(args) -> bool:
     return strategy == "epoch" or (strategy == "best" and args.eval_strategy == "epoch")
 
 
-def describe_resume(checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, steps_in_epoch: int) -> str:
+def describe_resume(checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, only_epoch_end: bool) -> str:
     """The line a resumed run logs: from where, at which step and epoch, what it skips."""
     where = f"Resuming from {checkpoint} at step {global_step}, epoch {epochs_trained}"
-    if steps_to_skip >= steps_in_epoch:
+    if only_epoch_end:
         return f"{where}: that epoch's end (its evaluation, logs and save) runs first, then training continues."
     if steps_to_skip:
         return f"{where}: skipping the {steps_to_skip} batches of that epoch already trained on."
@@ -267,59 +333,43 @@ class CheckpointMixin:
         tokenizer = self.processing_class if self.processing_class is not None else getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w") as f:  # looptrain: JSON, not a pickle
-            # `to_json_string()` with paths written as text: HfArgumentParser makes `--generation_config DIR`
-            # a pathlib.Path, which json cannot encode.
-            f.write(json.dumps(self.args.to_dict(), indent=2, default=str))
+        write_training_args(self.args, output_dir)
 
     # ------------------------------------------------------------------ checkpoints
-    def _get_output_dir(self, trial) -> str:
-        """`output_dir`, or its `run-<id>` subfolder for a hyperparameter-search trial."""
-        if self.hp_search_backend is None or trial is None:
-            return self.args.output_dir
-        if self.hp_search_backend == HPSearchBackend.OPTUNA:
-            run_id = trial.number
-        elif self.hp_search_backend == HPSearchBackend.RAY:
-            import ray.tune
-
-            run_id = ray.tune.get_context().get_trial_id()
-        else:  # wandb
-            import wandb
-
-            run_id = wandb.run.id
-        run_name = self.hp_name(trial) if self.hp_name is not None else f"run-{run_id}"
-        return os.path.join(self.args.output_dir, run_name)
-
     def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-<global_step>/`: into a temporary folder, renamed when complete; then rotate."""
+        """Write `checkpoint-<global_step>/` (`_write_checkpoint`), upload it (`push_to_hub`), rotate."""
         args = self.args
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
-        output_dir = os.path.join(run_dir, name)
-        staging_dir = os.path.join(run_dir, TMP_PREFIX + name)
+        self._update_best_model_checkpoint(run_dir)  # the state written below names the best checkpoint
+        output_dir = self._write_checkpoint(run_dir)
+        if args.push_to_hub:
+            self._push_from_checkpoint(output_dir)
+        if args.should_save:
+            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _write_checkpoint(self, run_dir: str) -> str:
+        """Write every file of `run_dir/checkpoint-<global_step>/`, each by its one writer: into a temporary folder,
+        renamed when complete. Every checkpoint is written here (a save during training, a hyperparameter-search
+        trial's). Collective: every process calls it. Returns the checkpoint's folder."""
+        args = self.args
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        output_dir, staging_dir = os.path.join(run_dir, name), os.path.join(run_dir, TMP_PREFIX + name)
         if args.should_save:
             _remove_debris(run_dir)  # what a crash in an earlier save or rotation left behind
         self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is cleared
         try:
-            self._write_checkpoint(staging_dir, output_dir, run_dir, trial)
+            self._write_checkpoint_files(staging_dir, output_dir)
         except BaseException:  # looptrain: a save that fails midway (an exception, not a kill) leaves nothing behind
             shutil.rmtree(staging_dir, ignore_errors=True)
             raise
-        if args.should_save:
-            rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+        return output_dir
 
-    def _write_checkpoint(self, staging_dir: str, output_dir: str, run_dir: str, trial) -> None:
-        """`_save_checkpoint`'s writing: everything into `staging_dir`, then renamed to `output_dir`."""
+    def _write_checkpoint_files(self, staging_dir: str, output_dir: str) -> None:
+        """`_write_checkpoint`'s body: every file into `staging_dir`, then the folder renamed to `output_dir`."""
         args = self.args
-        self.save_model(staging_dir, _internal_call=True)
-        # Trainer: the best checkpoint is known once its folder exists (it may be the one being written).
-        if args.save_strategy in ("steps", "epoch", "best") and self.state.best_global_step:
-            self.accelerator.wait_for_everyone()
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.exists(best_dir) or self.state.best_global_step == self.state.global_step:
-                self.state.best_model_checkpoint = best_dir
+        self.save_model(staging_dir, _internal_call=True)  # the model, tokenizer, training_args.json
         if not args.save_only_model:
             self._save_optimizer_and_scheduler(staging_dir)
             self._save_scaler(staging_dir)
@@ -330,10 +380,9 @@ class CheckpointMixin:
             # the oldest entries; here each save holds the current state of each callback.)
             fresh = TrainerState(stateful_callbacks=self._stateful_callbacks()).stateful_callbacks
             self.state.stateful_callbacks = {**(self.state.stateful_callbacks or {}), **fresh}
-            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
+            write_trainer_state(self.state, staging_dir)
             if loop_state is not None:
-                with open(os.path.join(staging_dir, LOOP_STATE_NAME), "w") as f:
-                    json.dump(loop_state, f, indent=2)
+                write_loop_state(loop_state, staging_dir)
         self.accelerator.wait_for_everyone()  # every process's files (its RNG state) are in the staging folder
         if args.should_save:
             _publish(staging_dir, output_dir)
@@ -342,8 +391,6 @@ class CheckpointMixin:
             # looptrain: a machine with its own disk (save_on_each_node=False): its processes' files (rng_state_<rank>.pth)
             # are published there too, where Trainer writes them, `checkpoint-<N>/` (a shared disk has no staging left).
             _publish(staging_dir, output_dir)
-        if args.push_to_hub:
-            self._push_from_checkpoint(output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """`optimizer.pt` and `scheduler.pt` (under DeepSpeed and FSDP, their own sharded files)."""
@@ -398,32 +445,14 @@ class CheckpointMixin:
                 if not os.path.samefile(checkpoint, self.state.best_model_checkpoint):
                     _remove_checkpoint(checkpoint)
 
-    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
-        """Trainer: compare `eval_<metric_for_best_model>` with the best so far; record step and value."""
-        args = self.args
-        if args.metric_for_best_model is None:
-            return False
-        key = args.metric_for_best_model
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        if key not in metrics:
-            raise KeyError(
-                f"metric_for_best_model={args.metric_for_best_model!r} looks for {key!r}, which the evaluation did "
-                f"not return; it returned {list(metrics)}. Return it from compute_metrics or change the argument."
-            )
-        better = np.greater if args.greater_is_better else np.less
-        if self.state.best_metric is None:
-            self.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
-        if better(metrics[key], self.state.best_metric):
-            self.state.best_metric = metrics[key]
-            if args.save_strategy in ("steps", "epoch", "best"):
-                self.state.best_global_step = self.state.global_step
-            return True
-        return False
-
     # ------------------------------------------------------------------ resume
-    def _resolve_checkpoint(self, resume_from_checkpoint) -> str:
-        """The checkpoint folder to resume from (True: the newest in output_dir), with every file it holds read
-        and checked (`read_checkpoint`) before anything is changed."""
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> Resume | None:
+        """The checkpoint to resume from (True: the newest in output_dir; None or False: none), with every file it
+        holds read and checked (`read_checkpoint`) before anything is changed; then its weights loaded (before
+        accelerate wraps the model; sharded ones later, in `_prepare_for_training`) and, under
+        `auto_find_batch_size`, its batch size adopted."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
         if resume_from_checkpoint is True:
             path = last_checkpoint(self.args.output_dir)
             if path is None:
@@ -438,20 +467,65 @@ class CheckpointMixin:
                 raise CheckpointError(f"resume_from_checkpoint={path!r} is a file, not a checkpoint folder.")
             if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
                 raise CheckpointError(f"{path} has no {TRAINER_STATE_NAME}: it is not a (complete) Trainer checkpoint.")
-        self._checkpoint_files = read_checkpoint(path, self._rng_file_name())
+        resume = Resume(path, read_checkpoint(path, self._rng_file_name()))
         newest = last_checkpoint(self.args.output_dir)
         if self.args.should_save and newest is not None and os.path.samefile(newest, path):
             # A crash between a save's rename and its rotation left one checkpoint too many: finish that save.
-            best = self._checkpoint_files["trainer_state"].get("best_model_checkpoint")
+            best = resume.files["trainer_state"].get("best_model_checkpoint")
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, best)
-        return path
+        if not self.is_deepspeed_enabled and not self.is_fsdp_enabled:
+            self._load_from_checkpoint(path)  # before accelerate wraps the model
+        saved_batch_size = resume.files["trainer_state"].get("train_batch_size")
+        if saved_batch_size is not None and self.args.auto_find_batch_size:
+            self._train_batch_size = saved_batch_size  # Trainer: the batch size that fitted before
+        return resume
 
     def _checkpoint_file(self, checkpoint: str, key: str):
-        """A file of the checkpoint, as `read_checkpoint` read it (read now if this is another checkpoint)."""
-        files = getattr(self, "_checkpoint_files", None)
-        if files is None or files.get("path") != checkpoint:
-            files = self._checkpoint_files = read_checkpoint(checkpoint, self._rng_file_name())
-        return files.get(key)
+        """A file of the checkpoint: as `_resolve_checkpoint` read it, or (another checkpoint) read now."""
+        if self._resume is not None and self._resume.path == checkpoint:
+            return self._resume.files.get(key)
+        return read_checkpoint(checkpoint, self._rng_file_name()).get(key)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial) -> tuple[int, int]:
+        """A fresh `TrainerState`, or the checkpoint's; return (epochs done, micro-batches of the next epoch to skip).
+
+        Resuming follows a plan computed from the checkpoint alone (`plan_resume`): Trainer's rule (`global_step //
+        optimizer steps per epoch` epochs done, then `(global_step % optimizer steps per epoch) *
+        gradient_accumulation_steps` micro-batches), made exact where Trainer's is not. When the checkpoint was
+        written after the step that ended an epoch but before that epoch's end ran (its evaluation, logs and save),
+        the plan returns that epoch with all its micro-batches consumed: `_run_epoch` then runs only its end.
+        """
+        self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
+        self.state.is_hyper_param_search = trial is not None
+        self.state.train_batch_size = self._train_batch_size
+        self.state.compute_steps(self.args, max_steps)  # resolves ratio logging/eval/save steps
+        epochs_trained, steps_to_skip = 0, 0
+        if resume_from_checkpoint is not None:
+            self.state = trainer_state_from_json(self._checkpoint_file(resume_from_checkpoint, "trainer_state"), resume_from_checkpoint)
+            if self.state.best_model_checkpoint is not None and not os.path.isdir(self.state.best_model_checkpoint):
+                logger.warning(f"The best checkpoint {self.state.best_model_checkpoint} no longer exists; it is forgotten.")
+                self.state.best_model_checkpoint = None
+            compare_trainer_and_checkpoint_args(self.args, self.state)
+            self._load_callback_state()
+            plan = plan_resume(
+                self.state,
+                self._checkpoint_file(resume_from_checkpoint, LOOP_STATE_NAME),
+                num_update_steps_per_epoch=num_update_steps_per_epoch,
+                max_steps=max_steps,
+                gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                ignore_data_skip=self.args.ignore_data_skip,
+                trainer_saved_at_epoch_end=trainer_saves_at_epoch_end(self.args),
+            )
+            epochs_trained, steps_to_skip = plan.epochs_trained, plan.steps_to_skip
+            if self._resume is not None and self._resume.path == resume_from_checkpoint:
+                self._resume.plan = plan  # the loop asks it where each epoch starts (`Resume.epoch_start`)
+                self._resume.optimizer_steps_per_epoch = num_update_steps_per_epoch
+                self._resume.micro_batches_per_step = self.args.gradient_accumulation_steps
+            # looptrain: said at WARNING, Trainer's default verbosity, so that a resumed run never goes unnoticed.
+            only_epoch_end = steps_to_skip >= num_update_steps_per_epoch * self.args.gradient_accumulation_steps
+            logger.warning(describe_resume(resume_from_checkpoint, self.state.global_step, epochs_trained, steps_to_skip, only_epoch_end))
+        self.state.init_training_references(self, max_steps, num_train_epochs, trial)
+        return epochs_trained, steps_to_skip
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the checkpoint's weights into `model` (the unwrapped model by default)."""
@@ -522,8 +596,9 @@ class CheckpointMixin:
             self.lr_scheduler.load_state_dict(scheduler_state)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{checkpoint}/{SCHEDULER_NAME} does not fit this scheduler ({err}).") from None
-        self._checkpoint_files.pop("optimizer", None)  # applied: do not keep a second copy of the big tensors
-        self._checkpoint_files.pop("scheduler", None)
+        if self._resume is not None and self._resume.path == checkpoint:
+            self._resume.files.pop("optimizer", None)  # applied: do not keep a second copy of the big tensors
+            self._resume.files.pop("scheduler", None)
 
     def _load_scaler(self, checkpoint: str) -> None:
         """fp16: the GradScaler continues with the checkpoint's loss scale."""
@@ -835,6 +910,27 @@ def read_json(path: str) -> dict:
 
 
 # ====================================================================================== files on the disk
+# One writer per file of a checkpoint: the model files (`_save`), `training_args.json`, `trainer_state.json`,
+# `looptrain_state.json` (here), `optimizer.pt` / `scheduler.pt` (`_save_optimizer_and_scheduler`), `scaler.pt`
+# (`_save_scaler`), `rng_state*.pth` (`_save_rng_state`). hub.py and search.py write through them too.
+def write_training_args(args, folder: str) -> None:
+    """`training_args.json` (looptrain: JSON, not Trainer's pickled `training_args.bin`): `to_json_string()` with
+    paths written as text (HfArgumentParser makes `--generation_config DIR` a pathlib.Path, which json cannot encode)."""
+    with open(os.path.join(folder, TRAINING_ARGS_NAME), "w") as f:
+        f.write(json.dumps(args.to_dict(), indent=2, default=str))
+
+
+def write_trainer_state(state: TrainerState, folder: str) -> None:
+    """`trainer_state.json`, Trainer's format (`TrainerState.save_to_json`)."""
+    state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+
+def write_loop_state(loop_state: dict, folder: str) -> None:
+    """`looptrain_state.json`: the loop's running state (`LoopState.to_json`)."""
+    with open(os.path.join(folder, LOOP_STATE_NAME), "w") as f:
+        json.dump(loop_state, f, indent=2)
+
+
 def rotate_checkpoints(run_dir: str, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
     """Trainer's rotation (`trainer_utils.rotate_checkpoints`): keep the newest and the best, delete the oldest
     others until `save_total_limit` remain. looptrain: each deletion is a rename first, so a crash never leaves

@@ -37,6 +37,11 @@ _LABELS_UNCHANGED = (DataCollatorWithPadding, DataCollatorForTokenClassification
 _IDS_UNCHANGED = _LABELS_UNCHANGED + (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq)
 
 
+def loss_on_wrong_device(loss, running_loss) -> ValueError:
+    """The error for a `training_step` override that returned its loss on another device than the running sum."""
+    return ValueError(f"training_step returned a loss on {loss.device}; it must stay on {running_loss.device}.")
+
+
 class TrainingDiverged(RuntimeError):
     """The gradients became NaN or infinite: the weights after that step are not a model anymore."""
 

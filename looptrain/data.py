@@ -59,7 +59,7 @@ class DataMixin:
             raise ValueError("Trainer.evaluate() needs an eval_dataset (pass one to Trainer or to evaluate()).")
         # Trainer: with persistent workers, each eval set keeps its DataLoader (no new worker processes per evaluation).
         key = eval_dataset if isinstance(eval_dataset, str) else "eval"
-        if self.args.dataloader_persistent_workers and key in getattr(self, "_eval_dataloaders", {}):
+        if self.args.dataloader_persistent_workers and key in self._eval_dataloaders:
             return self._eval_dataloaders[key]
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
@@ -132,8 +132,6 @@ class DataMixin:
             if prepared is not None and getattr(prepared, "batch_sampler", None) is sampler:
                 prepared.num_processes, prepared.process_index = 1, 0
         if dataloader_key is not None and args.dataloader_persistent_workers:
-            if not hasattr(self, "_eval_dataloaders"):
-                self._eval_dataloaders = {}
             self._eval_dataloaders[dataloader_key] = dataloader
         return dataloader
 

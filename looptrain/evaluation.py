@@ -10,6 +10,7 @@ Trainer 5.24 (`trainer.py:2805-3300`). Two details decide parity:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 
@@ -25,6 +26,7 @@ from transformers.trainer_pt_utils import (
     nested_numpify,
 )
 from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
     EvalLoopOutput,
     EvalPrediction,
     PredictionOutput,
@@ -117,6 +119,36 @@ class EvaluationMixin:
                 )
             self.lr_scheduler.step(metrics[key])
         return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """Trainer: compare `eval_<metric_for_best_model>` with the best so far; record step and value."""
+        args = self.args
+        if args.metric_for_best_model is None:
+            return False
+        key = args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        if key not in metrics:
+            raise KeyError(
+                f"metric_for_best_model={args.metric_for_best_model!r} looks for {key!r}, which the evaluation did "
+                f"not return; it returned {list(metrics)}. Return it from compute_metrics or change the argument."
+            )
+        better = np.greater if args.greater_is_better else np.less
+        if self.state.best_metric is None:
+            self.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
+        if better(metrics[key], self.state.best_metric):
+            self.state.best_metric = metrics[key]
+            if args.save_strategy in ("steps", "epoch", "best"):
+                self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    def _update_best_model_checkpoint(self, run_dir: str) -> None:
+        """Before a save: Trainer's best checkpoint is known once its folder exists (it may be the one being written)."""
+        if self.args.save_strategy in ("steps", "epoch", "best") and self.state.best_global_step:
+            self.accelerator.wait_for_everyone()
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.exists(best_dir) or self.state.best_global_step == self.state.global_step:
+                self.state.best_model_checkpoint = best_dir
 
     def evaluation_loop(
         self, dataloader, description: str, prediction_loss_only: bool | None = None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -319,11 +351,15 @@ class EvaluationMixin:
 class BatchListContainer(EvalLoopContainer):
     """transformers' `EvalLoopContainer` (what Trainer keeps predictions in), with the same results built in one pass.
 
-    Performance (issue 6): Trainer concatenates each batch onto everything before it (`nested_concat`), so every
+    Performance: Trainer concatenates each batch onto everything before it (`nested_concat`), so every
     batch copies all earlier predictions again (quadratic time) and the last one needs twice the final size.
     Here the batches are listed, and concatenated once when the arrays are read (`concat_batches`): the same
     arrays (padding, dtype, nesting), in linear time, at about the final size in memory.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._blocks = []  # what `to_cpu_and_numpy` moved to host memory so far, as numpy arrays
 
     def add(self, tensors) -> None:
         """Keep one batch of (nested) tensors."""
@@ -340,16 +376,15 @@ class BatchListContainer(EvalLoopContainer):
         if self.tensors is None:
             return
         # Trainer: what was concatenated so far goes to the host, then joins the arrays moved before it.
-        blocks = getattr(self, "_blocks", [])
-        blocks.append(nested_numpify(concat_batches(self.tensors, self.padding_index)))
-        self._blocks, self.tensors = blocks, None
+        self._blocks.append(nested_numpify(concat_batches(self.tensors, self.padding_index)))
+        self.tensors = None
 
     def get_arrays(self):
         """Everything kept, as the numpy arrays Trainer's container returns."""
         if not self.do_nested_concat:
             return super().get_arrays()
         self.to_cpu_and_numpy()
-        if getattr(self, "_blocks", None):
+        if self._blocks:
             self.arrays = concat_batches(self._blocks, self.padding_index)
         return self.arrays
 

@@ -38,7 +38,7 @@ from transformers.utils import (
     logging,
 )
 
-from .checkpoint import TMP_PREFIX
+from .checkpoint import TMP_PREFIX, write_training_args
 
 logger = logging.get_logger(__name__)
 
@@ -187,8 +187,7 @@ class HubMixin:
                 shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
-            f.write(self.args.to_json_string())
+        write_training_args(self.args, output_dir)  # looptrain: the one writer of training_args.json (checkpoint.py)
         if self.args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:
@@ -216,14 +215,14 @@ class HubMixin:
 
     def _finish_current_push(self) -> None:
         """Wait for a background upload to finish (at the end of training, before another push)."""
-        if getattr(self, "push_in_progress", None) is not None and not self.push_in_progress.is_done():
+        if self.push_in_progress is not None and not self.push_in_progress.is_done():
             logger.info("Waiting for the current checkpoint push to be finished, this might take a couple of minutes.")
             self.push_in_progress.wait_until_done()
         self._log_failed_pushes()
 
     def _log_failed_pushes(self) -> None:
         """looptrain: say which finished background uploads failed (Trainer drops their errors), once each."""
-        push = getattr(self, "push_in_progress", None)
+        push = self.push_in_progress
         if push is None:
             return
         for job in [job for job in push.jobs if job.done() and not job.cancelled() and job.exception() is not None]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-import torch
 from transformers.hyperparameter_search import ALL_HYPERPARAMETER_SEARCH_BACKENDS, default_hp_search_backend
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HPSearchBackend, default_compute_objective
+from transformers.trainer_utils import HPSearchBackend, default_compute_objective
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -107,11 +106,23 @@ class HyperparameterSearchMixin:
                 ray.tune.report(metrics, checkpoint=checkpoint)
 
     def _tune_save_checkpoint(self, checkpoint_dir: str) -> None:
-        """Ray Tune: a checkpoint of the trial in Ray's folder."""
-        output_dir = os.path.join(checkpoint_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.save_model(output_dir, _internal_call=True)
-        if self.args.should_save:
-            self.state.stateful_callbacks["TrainerControl"] = self.control.state()
-            self.state.save_to_json(os.path.join(output_dir, "trainer_state.json"))
-            torch.save(self.optimizer.state_dict(), os.path.join(output_dir, "optimizer.pt"))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+        """Ray Tune: a checkpoint of the trial in Ray's folder, written as every other checkpoint is
+        (`_write_checkpoint`: a staging folder, the model, optimizer, scheduler, RNG and loop state)."""
+        self._write_checkpoint(checkpoint_dir)
+
+    def _get_output_dir(self, trial) -> str:
+        """`output_dir`, or its `run-<id>` subfolder for a hyperparameter-search trial."""
+        if self.hp_search_backend is None or trial is None:
+            return self.args.output_dir
+        if self.hp_search_backend == HPSearchBackend.OPTUNA:
+            run_id = trial.number
+        elif self.hp_search_backend == HPSearchBackend.RAY:
+            import ray.tune
+
+            run_id = ray.tune.get_context().get_trial_id()
+        else:  # wandb
+            import wandb
+
+            run_id = wandb.run.id
+        run_name = self.hp_name(trial) if self.hp_name is not None else f"run-{run_id}"
+        return os.path.join(self.args.output_dir, run_name)

@@ -93,6 +93,7 @@ class Seq2SeqTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             tokenizer=tokenizer,
         )
+        self._gen_kwargs = {}  # the generation keywords of the running evaluate()/predict()
         # Trainer: args.generation_config replaces the model's own. Priority when generating: the call's
         # keywords > model.generation_config > GenerationConfig's defaults. (A model built by model_init got
         # it in `call_model_init`.)
@@ -128,7 +129,7 @@ class Seq2SeqTrainer(Trainer):
         try:
             gen_config.validate(strict=True)
         except ValueError as exc:
-            raise ValueError(str(exc) + "\n\nFix these issues to train your model.")
+            raise ValueError(str(exc) + "\n\nFix these issues to train your model.") from None
         return gen_config
 
     # ======================================================================================= entry points
@@ -191,7 +192,7 @@ class Seq2SeqTrainer(Trainer):
         # DataCollatorForSeq2Seq makes of data without labels) has none; Trainer fails in the forward pass.
         has_labels = inputs.get("labels") is not None
         inputs = self._prepare_inputs(inputs)
-        if len(gen_kwargs) == 0 and hasattr(self, "_gen_kwargs"):
+        if len(gen_kwargs) == 0:
             gen_kwargs = self._gen_kwargs.copy()  # set by evaluate()/predict()
         for name in ("num_beams", "max_length"):  # None means "the model's generation config decides"
             if name in gen_kwargs and gen_kwargs[name] is None:

@@ -1,5 +1,5 @@
 """Benchmarks: what looptrain costs over the work it drives, side by side with a bare torch loop and
-`transformers.Trainer` 5.24 (GitHub issue 6).
+`transformers.Trainer` 5.24.
 
     .venv/bin/python scripts/bench.py                 # the full table (CPU; about an hour on 2 busy cores)
     .venv/bin/python scripts/bench.py --quick         # tiny sizes, one round: proves the script works (tests)
@@ -31,7 +31,7 @@ machine shared with other jobs two OpenMP threads per process oversubscribe the 
 swamps the overhead being measured. `--quick` runs the contenders of items 1, 2 and 4 inside this
 process (its figures mean nothing; it only shows that every path works) and item 3 in subprocesses.
 
-Targets (issue 6): overhead <= 1.10 x bare and <= 0.80 x Trainer; real run <= 1.00 x Trainer; time to
+Targets: overhead <= 1.10 x bare and <= 0.80 x Trainer; real run <= 1.00 x Trainer; time to
 first step <= 0.60 x Trainer; streaming evaluation peak memory <= 0.20 x Trainer's default.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 12: each kind of bad input, broken run or misconfigured launch gets an error that names the problem, the
+"""Each kind of bad input, broken run or misconfigured launch gets an error that names the problem, the
 value and the fix, before the first optimizer step where it can be known then; the output folder never holds
 anything half-written; and no valid setup that transformers.Trainer trains is refused (the property test at the end).
 """

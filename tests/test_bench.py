@@ -1,4 +1,4 @@
-"""The benchmark script (issue 6) still runs, and looptrain's one-pass prediction container returns exactly
+"""The benchmark script still runs, and looptrain's one-pass prediction container returns exactly
 what Trainer's batch-by-batch concatenation returns. No timing is asserted anywhere: timings belong to
 `scripts/bench.py`, whose results are in the README."""
 

@@ -656,3 +656,33 @@ def test_checkpoint_of_a_different_model_is_a_clear_error(tmp_path, checkpoints,
 def test_resume_true_without_any_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(looptrain.CheckpointError, match="no complete checkpoint"):
         _trainer(tmp_path, max_steps=3).train(resume_from_checkpoint=True)
+
+
+def test_a_search_trial_checkpoint_is_written_like_every_checkpoint(tmp_path):
+    """One writer per file: a hyperparameter-search trial's checkpoint (Ray Tune's `_tune_save_checkpoint`) is written
+    by the same code as a save during training: the same files (RNG and loop state included), the same bytes."""
+
+    class TrialSaveToo(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # right after the save: the same state
+            trainer._tune_save_checkpoint(str(tmp_path / "ray"))
+
+    args = make_args(looptrain.TrainingArguments, tmp_path / "run", max_steps=2, save_steps=2, logging_steps=1)
+    trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=random_token_dataset(16, 0), callbacks=[TrialSaveToo()])
+    trainer.train()
+    saved, trial = tmp_path / "run" / "checkpoint-2", tmp_path / "ray" / "checkpoint-2"
+    names = sorted(os.listdir(saved))
+    assert {"trainer_state.json", "looptrain_state.json", "training_args.json", "optimizer.pt", "scheduler.pt",
+            "rng_state.pth", "model.safetensors"} <= set(names)
+    assert sorted(os.listdir(trial)) == names
+    for name in names:
+        if name.endswith((".pt", ".pth")):  # pickled containers: compared by value (bytes hold object ids)
+            a, b = (torch.load(folder / name, weights_only=False) for folder in (saved, trial))
+            assert repr(a) == repr(b), name
+        elif name == "trainer_state.json":  # on_save has reset control.should_save between the two: only that differs
+            a, b = (json.loads((folder / name).read_text()) for folder in (saved, trial))
+            assert a["stateful_callbacks"]["TrainerControl"]["args"].pop("should_save") is True
+            assert b["stateful_callbacks"]["TrainerControl"]["args"].pop("should_save") is False
+            assert a == b
+        else:
+            assert (saved / name).read_bytes() == (trial / name).read_bytes(), name
+    assert not [n for n in os.listdir(tmp_path / "ray") if n.startswith(".tmp-")]  # written in a staging folder

@@ -1,4 +1,4 @@
-"""Every public class and method of the library says what it does (issue 7): checked with `ast`."""
+"""Every public class and method of the library says what it does: checked with `ast`."""
 
 from __future__ import annotations
 

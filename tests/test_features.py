@@ -30,7 +30,8 @@ import transformers
 from accelerate.utils import ParallelismConfig
 
 import looptrain
-import looptrain.trainer as LT_TRAINER  # the modules, where the names some tests replace are looked up
+import looptrain.backends as LT_BACKENDS  # the modules, where the names some tests replace are looked up
+import looptrain.trainer as LT_TRAINER
 import transformers.trainer as HF_TRAINER
 from helpers import (
     accuracy,
@@ -208,7 +209,7 @@ def test_auto_find_batch_size_resume_starts_from_the_saved_batch_size(tmp_path):
     args = {**BASE, "auto_find_batch_size": True, "save_strategy": "steps", "save_steps": 4, "max_steps": 6}
     first = run_pair(tmp_path / "first", oom_above(FITS), args=args)
     resumed = []
-    for (trainer, _), name in zip(first, ("hf", "lt")):
+    for (_trainer, _), name in zip(first, ("hf", "lt")):
         lib = transformers if name == "hf" else looptrain
         again = lib.Trainer(model=oom_above(FITS)(), train_dataset=TRAIN, args=lib.TrainingArguments(
             output_dir=str(tmp_path / "first" / name), use_cpu=True, report_to="none", disable_tqdm=True, **args))
@@ -334,7 +335,7 @@ def accelerator_kwargs(monkeypatch):
         return Spy
 
     monkeypatch.setattr(HF_TRAINER, "Accelerator", spy("hf"))
-    monkeypatch.setattr(LT_TRAINER, "Accelerator", spy("lt"))
+    monkeypatch.setattr(LT_BACKENDS, "Accelerator", spy("lt"))
     return calls
 
 

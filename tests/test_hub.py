@@ -317,3 +317,24 @@ def test_a_failed_background_upload_is_logged(hub, tmp_path, caplog):
     failures = [r.getMessage() for r in caplog.records if "upload to the Hub" in r.getMessage()]
     assert failures and all("RevisionNotFoundError" in m for m in failures)
     assert not hub.commits()
+
+
+def test_a_path_valued_argument_is_uploaded_like_a_checkpoint_writes_it(hub, tmp_path):
+    """training_args.json has one writer (checkpoint.write_training_args): the copy uploaded with the model is the
+    checkpoint's, byte for byte, also with a pathlib.Path argument (HfArgumentParser makes `--generation_config DIR`
+    one), which `to_json_string()` cannot encode."""
+    import pathlib
+
+    generation_dir = tmp_path / "generation"
+    transformers.GenerationConfig(max_length=7).save_pretrained(generation_dir)
+    args = make_args(looptrain.Seq2SeqTrainingArguments, tmp_path / "lt" / "model", per_device_train_batch_size=8,
+                     max_steps=1, save_steps=1, push_to_hub=True, generation_config=pathlib.Path(generation_dir))
+    wait = WaitForUploads()
+    trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=TRAIN, callbacks=[wait])
+    wait.trainer = trainer
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    uploaded = [e for kind, e in hub.take() if kind == "commit"][0].files["training_args.json"]
+    checkpoint = (tmp_path / "lt" / "model" / "checkpoint-1" / "training_args.json").read_bytes()
+    assert uploaded == checkpoint
+    assert json.loads(uploaded)["generation_config"] == str(generation_dir)

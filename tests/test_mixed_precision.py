@@ -136,7 +136,7 @@ def test_fp16_resume_restores_the_scaler(tmp_path):
 
 def test_fp16_on_cpu_is_float32_in_trainer_and_refused_by_looptrain(tmp_path):
     """accelerate sets up fp16 autocast and a scaler only on accelerators: on a CPU, Trainer's fp16=True run is
-    float32 without a word; looptrain refuses it with an error that says so (issue 12)."""
+    float32 without a word; looptrain refuses it with an error that says so."""
     trainer, _ = run_trainer(transformers.Trainer, transformers.TrainingArguments, tiny_bert, tmp_path / "hf", random_token_dataset(40, 1),
                              args=dict(REFERENCE, fp16=True, eval_strategy="no", num_train_epochs=1, save_strategy="no"))
     assert trainer.accelerator.scaler is None and not trainer.accelerator.native_amp

@@ -57,6 +57,33 @@ def test_overriding_a_method_looptrain_never_calls_is_refused(tmp_path, name):
         subclass(tiny_bert(), args)
 
 
+def test_overriding_create_optimizer_and_scheduler_warns_with_the_methods_to_override(tmp_path):
+    """Neither Trainer's loop nor looptrain's calls create_optimizer_and_scheduler: an override would be silently
+    ignored, so constructing the subclass says which methods run instead."""
+    subclass = type("MyTrainer", (LT,), {"create_optimizer_and_scheduler": lambda self, num_training_steps: None})
+    args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    with pytest.warns(UserWarning, match="MyTrainer overrides create_optimizer_and_scheduler.*override create_optimizer and create_scheduler"):
+        subclass(tiny_bert(), args)
+    assert "create_optimizer_and_scheduler" not in {name for name, *_ in _calls_of_a_short_run(LT, tmp_path)}
+
+
+def test_errors_advise_overriding_methods_that_run(tmp_path):
+    """The refusal of optimizers= with model_init names create_optimizer, which train() calls."""
+    args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    optimizer = torch.optim.SGD(tiny_bert().parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="override create_optimizer") as err:
+        LT(args=args, model_init=lambda: tiny_bert(), optimizers=(optimizer, None))
+    assert "create_optimizer_and_scheduler" not in str(err.value)
+
+
+def _calls_of_a_short_run(cls, tmp_path):
+    log = []
+    args = looptrain.TrainingArguments(output_dir=str(tmp_path / "short"), use_cpu=True, max_steps=1, report_to="none",
+                                       disable_tqdm=True, save_strategy="no")
+    recording(cls, log, str(tmp_path))(tiny_bert(), args, train_dataset=random_token_dataset(8, 0)).train()
+    return log
+
+
 def assert_same_signature(name, ours, theirs):
     ours, theirs = inspect.signature(ours), inspect.signature(theirs)
     assert list(ours.parameters)[: len(theirs.parameters)] == list(theirs.parameters), name
