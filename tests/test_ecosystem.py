@@ -168,10 +168,10 @@ def test_run_under_accelerate_launch_on_two_processes(tmp_path):
     """`accelerate launch ... -m looptrain run SCRIPT`: every process runs the script on looptrain's loop (DDP over
     gloo on CPU, as tests/test_distributed.py launches)."""
     (tmp_path / "dist.py").write_text(textwrap.dedent(DIST_SCRIPT.format(tests=str(HERE))))
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]  # make test's venv has no `accelerate` script
     config = ROOT / "examples" / "accelerate_configs" / "ddp.yaml"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([launcher, "launch", "--config_file", str(config), "--main_process_port", str(_free_port()),
+    out = subprocess.run([*launcher, "launch", "--config_file", str(config), "--main_process_port", str(_free_port()),
                           "-m", "looptrain", "run", str(tmp_path / "dist.py"), str(tmp_path / "out")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -225,7 +225,9 @@ def raised_where_it_enters(frames) -> bool:
         return False
     if any(entry in frames[-1].filename for entry in ENTRY_POINTS):
         return True
-    if len(frames) >= 2 and os.sep + "looptrain" + os.sep in frames[-2].filename and frames[-2].name == "__init__":
+    in_looptrain = [os.sep + "looptrain" + os.sep in f.filename for f in frames]
+    constructing = any(inside and f.name == "__init__" for inside, f in zip(in_looptrain, frames))
+    if len(frames) >= 2 and in_looptrain[-2] and constructing:  # one call below looptrain's constructor (or its phases)
         return True
     return frames[-1].filename.endswith(os.path.join("utils", "generic.py")) and any(ARGUMENT_VALIDATION in f.filename for f in frames)
 

@@ -28,7 +28,6 @@ import looptrain
 from helpers import assert_parity, make_args, params_of, random_token_dataset, run_both, strip_timing, tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY_BIN = os.path.dirname(sys.executable)
 
 
 def _args(tmp_path, **kwargs):
@@ -261,7 +260,7 @@ def test_two_machines_with_their_own_disks_or_one_shared(tmp_path):
     procs = []
     for rank in (0, 1):
         os.makedirs(tmp_path / f"node{rank}")
-        cmd = [os.path.join(PY_BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                os.path.join(ROOT, "tests", "machines_worker.py"), "--shared", str(shared)]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -292,7 +291,7 @@ def test_a_launch_that_started_fewer_processes_than_asked_says_so(tmp_path):
         from helpers import tiny_bert
         looptrain.Trainer(tiny_bert(), looptrain.TrainingArguments(output_dir={str(tmp_path / "out")!r}, report_to="none"))
     """))
-    result = subprocess.run([os.path.join(PY_BIN, "accelerate"), "launch", "--cpu", "--num_processes", "2", str(script)],
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2", str(script)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate launch was asked for 2 processes (--num_processes 2), but 1 started" in result.stderr
