@@ -59,7 +59,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_callback import (
-    CallbackHandler,
     DefaultFlowCallback,
     ExportableState,
     PrinterCallback,
@@ -100,6 +99,7 @@ from transformers.utils import can_return_loss, find_labels, logging
 
 from . import checkpoint as ckpt
 from . import checks
+from . import fastpath
 from .checkpoint import CheckpointMixin, LoopState
 from .data import DataMixin, default_collator
 from .evaluation import EvaluationMixin
@@ -147,6 +147,8 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
     # looptrain: a run whose gradients become NaN/inf stops with an error naming the step and the last good
     # checkpoint (`checks.DivergenceGuard`). False: train on, as transformers.Trainer does.
     raise_on_divergence: bool = True
+    # looptrain: skip per-step work that cannot change a number (fastpath.py); False runs Trainer's plain calls.
+    fast_paths: bool = fastpath.DEFAULT
 
     # =================================================================================================== setup
     def __init__(
@@ -282,7 +284,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         # ---- 6. Callbacks. Trainer: DefaultFlowCallback, the reporting integrations, the user's, the progress bar.
         # (`enable_jit_checkpoint`: looptrain's SIGTERM handling is always on while training, see preemption.py.)
         default_callbacks = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
-        self.callback_handler = CallbackHandler(
+        self.callback_handler = fastpath.CallbackHandler(
             default_callbacks + (callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.add_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
@@ -548,6 +550,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         if resume_from_checkpoint is not None:  # looptrain: the loss summed since the last log, the last norm and lr
             self._loop.restore(self._checkpoint_file(resume_from_checkpoint, ckpt.LOOP_STATE_NAME), args.process_index)
         model.zero_grad()
+        fastpath.start(self)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         # Trainer: evaluate before the first step, logged at step 0 (costs one RNG draw). Trainer evaluates again
         # when it resumes, a draw the uninterrupted run did not take; looptrain does not.
@@ -785,7 +788,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                     grad_norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
                     grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)
                     self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-                    self.optimizer.step()
+                    fastpath.optimizer_step(self)  # self.optimizer.step()
                     self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
                     learning_rate = self._get_learning_rate()  # the lr this step used
                     # fp16: a step skipped for overflow does not advance the schedule. Plateau-type schedulers
@@ -882,7 +885,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
         """Forward and backward of one micro-batch; returns the loss that is added to the logged sum."""
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
-            model.train()  # Trainer: before every micro-batch (an evaluation may have switched to eval mode)
+            fastpath.train_mode(self, model)  # model.train(). Trainer: before every micro-batch (an evaluation may switch)
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()  # schedule-free optimizers keep two sets of weights
             inputs = self._prepare_inputs(inputs)
@@ -912,7 +915,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
                 loss = loss / self.current_gradient_accumulation_steps
             if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
                 kwargs["scale_wrt_gas"] = False  # Trainer: the loss is already normalised for accumulation
-            self.accelerator.backward(loss, **kwargs)  # mixed-precision loss scaling happens in accelerate
+            fastpath.backward(self, loss, **kwargs)  # accelerator.backward; mixed-precision loss scaling happens in accelerate
             return loss.detach()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -1133,13 +1136,13 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
 
     def _clip_grad_norm(self, model):
         """Clip to `max_grad_norm`; returns the norm before clipping."""
-        return self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        return fastpath.clip_grad_norm(self, model, self.args.max_grad_norm)  # accelerator.clip_grad_norm_
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm to log. Trainer logs it even without clipping (`max_grad_norm=0`): then it is
         measured by a clip to infinity, which changes nothing."""
         if grad_norm is None:
-            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+            grad_norm = fastpath.clip_grad_norm(self, model, float("inf"))  # accelerator.clip_grad_norm_
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and hasattr(grad_norm, "item"):
             grad_norm = grad_norm.item()
         return grad_norm
