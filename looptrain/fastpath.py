@@ -193,6 +193,7 @@ class CallbackHandler(trainer_callback.CallbackHandler):
     skip_idle = True
 
     def call_event(self, event, args, state, control, **kwargs):
+        """transformers' dispatch (same arguments, same order, same control handling), minus the empty calls."""
         base = _BASE_EVENTS.get(event)
         if not self.skip_idle or base is None:
             return super().call_event(event, args, state, control, **kwargs)
