@@ -19,7 +19,9 @@ What is saved, per optimizer step of a 2-layer BERT on one CPU thread (docs/perf
     calling torch's clipping (0.03 ms);
   * `Accelerator.backward` divides the loss by its accumulation steps, which looptrain pins to 1 (one tensor op
     and one autograd node per micro-batch);
-  * `CallbackHandler.call_event` calls every callback for every event, including the base class's empty methods.
+  * `CallbackHandler.call_event` calls every callback for every event, including the base class's empty methods;
+  * `include_num_input_tokens_seen` counts all tokens with a round trip through the device (a host sync per
+    micro-batch on a GPU) on one process.
 """
 
 from __future__ import annotations
@@ -178,6 +180,19 @@ def optimizer_step(trainer) -> None:
             inner.step(None)
             return
     opt.step()
+
+
+# ------------------------------------------------------------------------------------------------ token count
+def tokens_seen(trainer, tokens) -> int:
+    """Plain: `accelerator.gather(torch.as_tensor(tokens, device, int64)).sum().item()`, the batch's tokens summed
+    over processes (`include_num_input_tokens_seen`). On one process, with the count already a Python int (all
+    tokens: `numel()`), that round trip through the device returns the same int and, on a GPU, makes the host
+    wait for the device on every micro-batch: the int is returned as it is. A count that is a tensor
+    (non-padding tokens) is read as Trainer reads it."""
+    if trainer.fast_paths and type(tokens) is int and trainer.accelerator.num_processes == 1:
+        return tokens
+    tokens = torch.as_tensor(tokens, device=trainer.args.device, dtype=torch.int64)
+    return trainer.accelerator.gather(tokens).sum().item()
 
 
 # ------------------------------------------------------------------------------------------------ callbacks

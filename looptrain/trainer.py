@@ -1164,8 +1164,7 @@ class Trainer(DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMi
             if mode == "non_padding":
                 logger.warning("include_num_input_tokens_seen='non_padding': no attention mask or pad token; counting all tokens.")
             tokens = inputs[main_input].numel()
-        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
-        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        self.state.num_input_tokens_seen += fastpath.tokens_seen(self, tokens)  # gather(...).sum().item()
 
     def _warn_if_loss_not_scaled_for_ga(self):
         """transformers#47688, and its multi-process twin: warn once when the loss of a model that takes **kwargs but

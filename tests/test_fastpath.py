@@ -31,7 +31,8 @@ CASES = {
     "unfused_adamw_clipping_decay": dict(optim="adamw_torch", weight_decay=0.1, max_grad_norm=0.05),
     "eval_steps_on_start_save": dict(eval_strategy="steps", eval_steps=2, eval_on_start=True, save_strategy="steps",
                                      save_steps=3),
-    "label_smoothing_ga3": dict(label_smoothing_factor=0.1, gradient_accumulation_steps=3),
+    "label_smoothing_ga3_tokens_seen": dict(label_smoothing_factor=0.1, gradient_accumulation_steps=3,
+                                            include_num_input_tokens_seen=True),
 }
 
 

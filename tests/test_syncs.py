@@ -39,10 +39,11 @@ def count(trainer_cls, args_cls, tmp_path, **overrides):
     return trainer, counter
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp32_tokens_seen"])
 def test_no_loop_sync_between_logs_evaluations_and_saves(tmp_path, precision):
     cls, flags = {"fp32": (looptrain.Trainer, {}), "bf16": (looptrain.Trainer, dict(bf16=True)),
-                  "fp16": (LTTrainerFP16, dict(fp16=True))}[precision]
+                  "fp16": (LTTrainerFP16, dict(fp16=True)),
+                  "fp32_tokens_seen": (looptrain.Trainer, dict(include_num_input_tokens_seen=True))}[precision]
     trainer, counter = count(cls, looptrain.TrainingArguments, tmp_path, **flags)
     assert trainer.state.global_step == 6
     if precision == "fp16":
