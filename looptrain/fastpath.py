@@ -73,12 +73,16 @@ def _all_training(model: nn.Module) -> bool:
     """Every module (the same tree `nn.Module.train` recurses into) is in training mode, with a `train()` that
     would only set the flag again."""
     stack = [model]
-    pop, extend = stack.pop, stack.extend
+    pop, extend, known = stack.pop, stack.extend, _plain_types.get
     while stack:
         module = pop()
         if module is None:
             continue
-        if not module.training or not _flag_only(type(module)) or "train" in module.__dict__:
+        cls = type(module)
+        flag_only = known(cls)
+        if flag_only is None:
+            flag_only = _flag_only(cls)
+        if not (module.training and flag_only) or "train" in module.__dict__:
             return False
         extend(module._modules.values())
     return True

@@ -767,6 +767,13 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="item 5 only, on a CUDA GPU")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 5; 1 with --quick)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the contenders of items 1, 2, 4 and 5 in this process, in turn (on a machine so "
+                             "loaded that fresh processes swing more than the overhead being measured; item 3 always "
+                             "starts fresh processes)")
+    parser.add_argument("--overhead-steps", type=int, default=None,
+                        help="optimizer steps per item-1 run (default 500; with --in-process, shorter runs and more "
+                             "rounds interleave the contenders more finely)")
     parser.add_argument("--real-rounds", type=int, default=None, help="rounds for item 2 only (default: --rounds)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in each measured process (default 1; with --gpu, torch's default)")
@@ -793,6 +800,8 @@ def main(argv=None) -> int:
 
     threads = opts.threads if opts.threads is not None else (0 if opts.gpu else 1)
     cfg = dict(QUICK if opts.quick else FULL, threads=threads, glue_dir=opts.glue_dir, quick=opts.quick)
+    if opts.overhead_steps:
+        cfg["overhead_steps"] = opts.overhead_steps
     if opts.profile:
         return profile(opts.profile, cfg)
     if opts.from_json:
@@ -821,7 +830,7 @@ def main(argv=None) -> int:
     results = {}
     for section in sections:
         log(f"{section}: {per_section[section]} round(s) of {', '.join(CONTENDERS[section])}")
-        results[section] = measure(section, cfg, per_section[section], opts.quick, log,
+        results[section] = measure(section, cfg, per_section[section], opts.quick or opts.in_process, log,
                                    deadline=None if budget is None else start + budget)
         per_section[section] = len(next(iter(results[section].values())))  # rounds actually run
     command = "python scripts/bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
