@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench.py --quick         # tiny sizes, one round: proves the script works (tests)
     .venv/bin/python scripts/bench.py --gpu           # item 5 on one CUDA GPU (under 5 minutes on an H100)
     .venv/bin/python scripts/bench.py --sections overhead,startup --rounds 7
+    .venv/bin/python scripts/bench.py --sections overhead --in-process --rounds 15 --overhead-steps 200  # loaded machine
+    .venv/bin/python scripts/bench.py --profile looptrain [--profile-cpu]   # where item 1's time goes
 
 Figures (each round runs every contender once, in turn: A B C A B C ...; the table gives medians):
   1. overhead   ms per optimizer step of a tiny BERT (2 layers, hidden 32, batch 8, sequence 16), 500
@@ -742,6 +744,34 @@ def machine() -> str:
             f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, Python {platform.python_version()}")
 
 
+def cpu_profile(contender: str, cfg: dict, top: int = 30) -> int:
+    """Item 1 under cProfile with the process's CPU clock (other jobs on the machine do not count, unlike
+    pyinstrument's wall-clock samples): cumulative ms per optimizer step of the functions the loop calls, in
+    looptrain, accelerate, transformers' Trainer files and torch's module, optimizer and data-loader code."""
+    import cProfile
+    import pstats
+
+    set_threads(cfg["threads"])
+    worker_overhead(contender, dict(cfg, overhead_steps=5))  # imports and first-call caches out of the way
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    result = worker_overhead(contender, cfg)
+    profiler.disable()
+    steps = result["steps"]
+    keep = ("looptrain" + os.sep, "accelerate" + os.sep, "transformers" + os.sep + "trainer", "lr_scheduler.py",
+            os.path.join("optim", "optimizer.py"), "clip_grad.py", os.path.join("modules", "module.py"),
+            os.path.join("data", "dataloader.py"))
+    rows = []
+    for (path, line, name), (_, calls, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        if calls >= steps and any(k in path for k in keep):
+            short = path.split("site-packages" + os.sep)[-1].replace(ROOT + os.sep, "")
+            rows.append((cumulative / steps * 1000, calls / steps, f"{name} ({short}:{line})"))
+    print(f"{contender}: {result['ms_per_step']:.3f} CPU ms per step under cProfile (its own cost included)")
+    for ms, calls, name in sorted(rows, reverse=True)[:top]:
+        print(f"{ms:8.3f} ms/step {calls:6.1f} calls/step  {name}")
+    return 0
+
+
 def profile(contender: str, cfg: dict) -> int:
     """Where a contender's time goes in item 1: pyinstrument's call tree, the model's own frames folded away."""
     try:
@@ -785,6 +815,8 @@ def main(argv=None) -> int:
                         help="print the table of measurements saved earlier with --json, measuring nothing")
     parser.add_argument("--profile", choices=("bare", "looptrain", "looptrain_plain", "trainer"), default=None,
                         help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it")
+    parser.add_argument("--profile-cpu", action="store_true",
+                        help="with --profile: cProfile on the process's CPU clock instead of pyinstrument's wall-clock samples")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -803,7 +835,7 @@ def main(argv=None) -> int:
     if opts.overhead_steps:
         cfg["overhead_steps"] = opts.overhead_steps
     if opts.profile:
-        return profile(opts.profile, cfg)
+        return cpu_profile(opts.profile, cfg) if opts.profile_cpu else profile(opts.profile, cfg)
     if opts.from_json:
         with open(opts.from_json) as f:
             saved = json.load(f)
