@@ -198,7 +198,7 @@ def test_a_dtensor_gradient_gets_accelerates_clipping(monkeypatch, tmp_path):
         p.grad = torch.ones_like(p)
     for stand_in, expected in ((None, 0), (torch.Tensor, 1)):
         if stand_in is not None:
-            monkeypatch.setattr(fastpath, "_dtensor_class", lambda: stand_in)
+            monkeypatch.setattr(fastpath, "_dtensor_class", lambda cls=stand_in: cls)
         with counting_plain_calls() as counts:
             norm = fastpath.clip_grad_norm(trainer, trainer.model, float("inf"))
         assert counts["clip"] == expected
