@@ -44,7 +44,7 @@ from transformers.trainer_utils import _is_peft_model, has_length, unwrap_peft_m
 from transformers.training_args import OptimizerNames, ParallelMode
 from transformers.utils import can_return_loss, find_labels, logging
 
-from . import checks
+from . import checks, fastpath
 
 logger = logging.get_logger(__name__)
 
@@ -505,13 +505,13 @@ class BackendMixin:
 
     def _clip_grad_norm(self, model):
         """Clip to `max_grad_norm`; returns the norm before clipping."""
-        return self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        return fastpath.clip_grad_norm(self, model, self.args.max_grad_norm)  # accelerator.clip_grad_norm_
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The gradient norm to log. Trainer logs it even without clipping (`max_grad_norm=0`): then it is
         measured by a clip to infinity, which changes nothing."""
         if grad_norm is None:
-            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+            grad_norm = fastpath.clip_grad_norm(self, model, float("inf"))  # accelerator.clip_grad_norm_
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED and hasattr(grad_norm, "item"):
             grad_norm = grad_norm.item()
         return grad_norm
@@ -533,8 +533,7 @@ class BackendMixin:
             if mode == "non_padding":
                 logger.warning("include_num_input_tokens_seen='non_padding': no attention mask or pad token; counting all tokens.")
             tokens = inputs[main_input].numel()
-        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
-        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        self.state.num_input_tokens_seen += fastpath.tokens_seen(self, tokens)  # gather(...).sum().item()
 
     def _warn_if_loss_not_scaled_for_ga(self):
         """transformers#47688, and its multi-process twin: warn once when the loss of a model that takes **kwargs but

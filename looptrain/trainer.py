@@ -55,7 +55,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_callback import (
-    CallbackHandler,
     DefaultFlowCallback,
     ExportableState,
     PrinterCallback,
@@ -92,7 +91,7 @@ from transformers.utils import logging
 
 from . import checkpoint as ckpt
 from .backends import BackendMixin
-from . import checks, validation
+from . import checks, fastpath, validation
 from .checkpoint import CheckpointMixin, EpochStart, LoopState
 from .data import DataMixin, default_collator
 from .evaluation import EvaluationMixin
@@ -161,6 +160,8 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
     # looptrain: a run whose gradients become NaN/inf stops with an error naming the step and the last good
     # checkpoint (`checks.DivergenceGuard`). False: train on, as transformers.Trainer does.
     raise_on_divergence: bool = True
+    # looptrain: skip per-step work that cannot change a number (fastpath.py); False runs Trainer's plain calls.
+    fast_paths: bool = fastpath.DEFAULT
 
     # =================================================================================================== setup
     def __init__(
@@ -319,6 +320,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         self._loop = LoopState.start(self.state.global_step, args.device, self._resume, args.process_index)
         self._divergence = checks.DivergenceGuard(args.device)
         model.zero_grad()
+        fastpath.start(self)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         # Trainer: evaluate before the first step, logged at step 0 (costs one RNG draw); again after a checkpoint,
         # a draw the uninterrupted run did not take, which looptrain leaves out.
@@ -446,7 +448,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         grad_norm = self._clip_grad_norm(model) if args.max_grad_norm > 0 else None
         grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)
         self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-        self.optimizer.step()
+        fastpath.optimizer_step(self)  # self.optimizer.step()
         self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
         learning_rate = self._get_learning_rate()  # the lr this step used
         # fp16: a step skipped for overflow does not advance the schedule; plateau-type schedulers step in `_evaluate`.
@@ -507,7 +509,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         """Forward and backward of one micro-batch; returns the loss that is added to the logged sum."""
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
-            model.train()  # Trainer: before every micro-batch (an evaluation may have switched to eval mode)
+            fastpath.train_mode(self, model)  # model.train(). Trainer: before every micro-batch (an evaluation may switch)
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()  # schedule-free optimizers keep two sets of weights
             inputs = self._prepare_inputs(inputs)
@@ -533,7 +535,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
             if not loss_is_scaled_for_ga:
                 loss = loss / self.current_gradient_accumulation_steps
             # mixed-precision loss scaling happens in accelerate; LOMO and DeepSpeed need more (`_backward_kwargs`)
-            self.accelerator.backward(loss, **self._backward_kwargs())
+            fastpath.backward(self, loss, **self._backward_kwargs())  # self.accelerator.backward(loss, ...)
             return loss.detach()
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -746,7 +748,7 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         looptrain's SIGTERM handling is always on while training, see preemption.py.)"""
         args = self.args
         default_callbacks = [DefaultFlowCallback] + get_reporting_integration_callbacks(args.report_to)
-        self.callback_handler = CallbackHandler(
+        self.callback_handler = fastpath.CallbackHandler(
             default_callbacks + (callbacks or []), self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
         self.add_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)

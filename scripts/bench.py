@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench.py --quick         # tiny sizes, one round: proves the script works (tests)
     .venv/bin/python scripts/bench.py --gpu           # item 5 on one CUDA GPU (under 5 minutes on an H100)
     .venv/bin/python scripts/bench.py --sections overhead,startup --rounds 7
+    .venv/bin/python scripts/bench.py --sections overhead --in-process --rounds 15 --overhead-steps 200  # loaded machine
+    .venv/bin/python scripts/bench.py --profile looptrain [--profile-cpu]   # where item 1's time goes
 
 Figures (each round runs every contender once, in turn: A B C A B C ...; the table gives medians):
   1. overhead   ms per optimizer step of a tiny BERT (2 layers, hidden 32, batch 8, sequence 16), 500
@@ -22,8 +24,11 @@ Figures (each round runs every contender once, in turn: A B C A B C ...; the tab
                 `compute_metrics`: Trainer's default and looptrain's default (both keep every logit:
                 2,000 x 8 x 50,257 float32 = 3.2 GB) and streaming metrics (`batch_eval_metrics=True`,
                 `compute_metrics(eval_pred, compute_result)`), with looptrain and, for reference, Trainer;
-  5. gpu        (--gpu) bf16 ms per step and tokens per second of a BERT-base-sized classifier (random
-                init, batch 32, sequence 128): bare torch (autocast), looptrain, Trainer.
+  5. gpu        (--gpu) bf16 on one CUDA GPU, bare torch (autocast), looptrain and Trainer: a BERT-base-sized
+                classifier (batch 32, sequence 128, 100 steps) and a 134M-parameter Llama-like causal LM
+     gpu_lm     (batch 8, sequence 512, 50 steps), random init: wall ms per step, samples per second, CPU ms per
+                step, host syncs per step (scripts/host_syncs.py: the loop's own between logs, and the
+                model's), and the final weights of looptrain and Trainer compared.
 
 Every measurement runs in its own fresh Python process (so no contender inherits another's warm
 caches, allocator or imports), with `torch.set_num_threads(--threads)`: 1 by default, because on a
@@ -56,15 +61,17 @@ SPAWN_ENV = "LOOPTRAIN_BENCH_SPAWN_TIME"
 
 SECTIONS = ("overhead", "real", "startup", "evalmem")
 CONTENDERS = {
-    "overhead": ("bare", "looptrain", "trainer"),
+    "overhead": ("bare", "looptrain", "looptrain_plain", "trainer"),
     "real": ("looptrain", "trainer"),
     "startup": ("bare", "looptrain", "trainer"),
     "evalmem": ("trainer", "looptrain", "looptrain_stream", "trainer_stream"),
     "gpu": ("bare", "looptrain", "trainer"),
+    "gpu_lm": ("bare", "looptrain", "trainer"),
 }
 LABELS = {
     "bare": "bare torch",
     "looptrain": "looptrain",
+    "looptrain_plain": "looptrain plain (fast paths off)",
     "trainer": "Trainer",
     "looptrain_stream": "looptrain streaming",
     "trainer_stream": "Trainer streaming",
@@ -74,12 +81,12 @@ LABELS = {
 FULL = dict(
     overhead_steps=500, real_train=None, real_eval=None, startup_examples=64,
     evalmem_sequences=2000, evalmem_seq_len=8, evalmem_batch=64, evalmem_vocab=50257,
-    gpu_steps=100, gpu_batch=32, gpu_seq_len=128,
+    gpu_steps=100, gpu_batch=32, gpu_seq_len=128, gpu_lm_steps=50, gpu_lm_batch=8, gpu_lm_seq_len=512,
 )
 QUICK = dict(
     overhead_steps=12, real_train=48, real_eval=24, startup_examples=16,
     evalmem_sequences=64, evalmem_seq_len=8, evalmem_batch=16, evalmem_vocab=50257,
-    gpu_steps=6, gpu_batch=4, gpu_seq_len=16,
+    gpu_steps=6, gpu_batch=4, gpu_seq_len=16, gpu_lm_steps=6, gpu_lm_batch=2, gpu_lm_seq_len=32,
 )
 
 
@@ -234,6 +241,8 @@ def worker_overhead(contender: str, cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = args_cls(output_dir=out, use_cpu=True, report_to="none", save_strategy="no", num_train_epochs=1)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[clock])
+        if contender == "looptrain_plain":
+            trainer.fast_paths = False  # looptrain/fastpath.py: the plain calls, as Trainer makes them
         with quiet():
             result = trainer.train()
     return {
@@ -438,52 +447,97 @@ def worker_evalmem(contender: str, cfg: dict) -> dict:
     }
 
 
-def worker_gpu(contender: str, cfg: dict) -> dict:
-    """Item 5: bf16 step time and tokens per second of a BERT-base-sized classifier on one CUDA GPU."""
+def gpu_workload(section: str, cfg: dict):
+    """(model, dataset, steps, batch, sequence length, description) of item 5: random init, seed 0."""
     import torch
     import transformers
+
+    quick = cfg.get("quick")
+    torch.manual_seed(0)
+    if section == "gpu":
+        if quick:  # the code path only: a small model on whatever device there is
+            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        else:
+            config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, 30,522 tokens
+        model = transformers.BertForSequenceClassification(config)
+        steps, batch, seq, lm = cfg["gpu_steps"], cfg["gpu_batch"], cfg["gpu_seq_len"], False
+    else:
+        if quick:
+            config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+        else:  # Llama-like, 12 layers, hidden 768, 32,000 tokens, untied head: 134M parameters
+            config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                              num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024)
+        model = transformers.LlamaForCausalLM(config)
+        steps, batch, seq, lm = cfg["gpu_lm_steps"], cfg["gpu_lm_batch"], cfg["gpu_lm_seq_len"], True
+    dataset = token_dataset(steps * batch, seed=3, seq_len=seq, vocab=config.vocab_size, lm=lm)
+    params = sum(p.numel() for p in model.parameters())
+    kind = "BERT classifier" if section == "gpu" else "Llama-like causal LM"
+    return model, dataset, steps, batch, seq, f"{kind}, {params / 1e6:.1f}M parameters"
+
+
+def tensor_sums(model) -> list[float]:
+    """One float64 sum per parameter: compares weights across processes when they are not bit-identical."""
+    return [float(p.detach().double().sum()) for p in model.parameters()]
+
+
+def worker_gpu(contender: str, cfg: dict, section: str = "gpu") -> dict:
+    """Item 5: bf16 on one CUDA GPU. Samples/s (wall), CPU ms per step, host syncs per step, final weights."""
+    import torch
+
+    import host_syncs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not cfg.get("quick"):
         raise SystemExit("--gpu needs a CUDA GPU (use --quick to check the code path on a CPU).")
-    torch.manual_seed(0)
-    if cfg.get("quick"):  # the code path only: a small model on whatever device there is
-        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-    else:
-        config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, 30,522 tokens
-    model = transformers.BertForSequenceClassification(config)
-    steps, batch, seq = cfg["gpu_steps"], cfg["gpu_batch"], cfg["gpu_seq_len"]
-    dataset = token_dataset(steps * batch, seed=3, seq_len=seq, vocab=config.vocab_size)
+    model, dataset, steps, batch, seq, description = gpu_workload(section, cfg)
     warmup = max(1, steps // 5)
 
     def sync_at_edges(step):  # the GPU runs behind the host: synchronise where the window starts and ends
         if device == "cuda" and step in (warmup, steps - 1):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # (not a Tensor read: not counted as a sync of the loop)
 
-    if contender == "bare":
-        times = []
+    with host_syncs.counting(script=os.path.abspath(__file__)) as syncs:
+        if contender == "bare":
+            times = []
 
-        def on_step(step):
-            sync_at_edges(step)
-            times.append(clocks())
+            def on_step(step):
+                sync_at_edges(step)
+                times.append(clocks())
 
-        bare_loop(model, dataset, batch, 5e-5, 1.0, steps, on_step, device=device, autocast_dtype=torch.bfloat16)
-    else:
-        trainer_cls, args_cls = library(contender)
-        clock = step_clock(sync_at_edges)
-        with tempfile.TemporaryDirectory() as out:
-            args = args_cls(output_dir=out, report_to="none", save_strategy="no", max_steps=steps,
-                            per_device_train_batch_size=batch, bf16=True, use_cpu=device == "cpu")
-            trainer = trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[clock])
-            with quiet():
-                trainer.train()
-        times = clock.times
-    ms = steady_ms_per_step(times, warmup)["wall_ms_per_step"]  # a GPU run is timed by the wall clock
-    return {"ms_per_step": ms, "tokens_per_s": batch * seq / ms * 1000, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+            trained = bare_loop(model, dataset, batch, 5e-5, 1.0, steps, on_step, device=device,
+                                autocast_dtype=torch.bfloat16)
+        else:
+            trainer_cls, args_cls = library(contender)
+            clock = step_clock(sync_at_edges)
+            with tempfile.TemporaryDirectory() as out:
+                args = args_cls(output_dir=out, report_to="none", save_strategy="no", max_steps=steps,
+                                per_device_train_batch_size=batch, bf16=True, use_cpu=device == "cpu")
+                trainer = trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[clock])
+                with quiet():
+                    trainer.train()
+            times, trained = clock.times, trainer.model
+    timing = steady_ms_per_step(times, warmup)
+    ms = timing["wall_ms_per_step"]  # a GPU run is timed by the wall clock
+    owner = {"bare": "script", "looptrain": "looptrain", "trainer": "trainer"}[contender]
+    micro_batches = len(times)
+    return {
+        "ms_per_step": ms, "cpu_ms_per_step": timing["ms_per_step"], "samples_per_s": batch / ms * 1000,
+        "tokens_per_s": batch * seq / ms * 1000, "steps": len(times), "description": description,
+        "loop_syncs_per_step": syncs.count(owner) / micro_batches,
+        "loop_syncs_between_logs_per_step": syncs.count(owner, at_point=False) / micro_batches,
+        "model_syncs_per_step": syncs.count("model") / micro_batches,
+        "params_sha1": params_sha1(trained), "tensor_sums": tensor_sums(trained),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    }
+
+
+def worker_gpu_lm(contender: str, cfg: dict) -> dict:
+    return worker_gpu(contender, cfg, section="gpu_lm")
 
 
 WORKERS = {"overhead": worker_overhead, "real": worker_real, "startup": worker_startup, "evalmem": worker_evalmem,
-           "gpu": worker_gpu}
+           "gpu": worker_gpu, "gpu_lm": worker_gpu_lm}
 
 
 # ============================================================================================ the runner
@@ -541,7 +595,8 @@ def measure(section: str, cfg: dict, rounds: int, in_process: bool, log, deadlin
 
 def summary(section: str, res: dict) -> str:
     keys = {"overhead": ("ms_per_step", "wall_ms_per_step"), "real": ("cpu_s", "wall_s"), "startup": ("cpu_s", "wall_s"),
-            "evalmem": ("peak_rss_mb", "eval_s"), "gpu": ("ms_per_step", "tokens_per_s")}[section]
+            "evalmem": ("peak_rss_mb", "eval_s"), "gpu": ("ms_per_step", "samples_per_s", "cpu_ms_per_step"),
+            "gpu_lm": ("ms_per_step", "samples_per_s", "cpu_ms_per_step")}[section]
     return " ".join(f"{key}={res[key]:.4g}" for key in keys)
 
 
@@ -572,19 +627,24 @@ def table(results: dict, cfg: dict, rounds: dict) -> str:
         res = results["overhead"]
         b, l, t = (med(res[c], "ms_per_step") for c in ("bare", "looptrain", "trainer"))
         bw, lw, tw = (med(res[c], "wall_ms_per_step") for c in ("bare", "looptrain", "trainer"))
-        same = len({r.get("params_sha1") for r in res["looptrain"] + res["trainer"]}) == 1
+        same = len({r.get("params_sha1") for c in ("looptrain", "looptrain_plain", "trainer") for r in res.get(c, [])}) == 1
         n = res["looptrain"][0]["steps"]
         rows.append(f"| 1. overhead: CPU ms per optimizer step (wall ms), tiny BERT, {n} steps (n={rounds['overhead']}) | "
                     f"{b:.3f} ({bw:.2f}) | {l:.3f} ({lw:.2f}) | {t:.3f} ({tw:.2f}) | looptrain / bare **{l / b:.3f}** | "
                     f"<= 1.10 | {verdict(l / b <= 1.10)} |")
         rows.append(f"| | | | | looptrain / Trainer **{l / t:.3f}** (Trainer / bare {t / b:.3f}) | <= 0.80 | "
                     f"{verdict(l / t <= 0.80)} |")
-        rows.append(f"| 1. final weights, looptrain vs Trainer | | | | {'bit-identical' if same else 'DIFFERENT'} | identical | "
-                    f"{verdict(same)} |")
+        if "looptrain_plain" in res:
+            p, pw = med(res["looptrain_plain"], "ms_per_step"), med(res["looptrain_plain"], "wall_ms_per_step")
+            rows.append(f"| 1. overhead, looptrain with its fast paths off (`LOOPTRAIN_PLAIN=1`) | | {p:.3f} ({pw:.2f}) | | "
+                        f"plain / bare {p / b:.3f}; looptrain / plain **{l / p:.3f}** | | |")
+        rows.append(f"| 1. final weights, looptrain (fast and plain) vs Trainer | | | | {'bit-identical' if same else 'DIFFERENT'} | "
+                    f"identical | {verdict(same)} |")
         notes.append("overhead CPU ms/step, min-max over rounds: " + ", ".join(
             f"{LABELS[c]} {spread(res[c], 'ms_per_step', '.3f')}" for c in res)
             + f"; per round, looptrain / bare: {paired(res['looptrain'], res['bare'], 'ms_per_step')}; "
-            f"looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'ms_per_step')}")
+            f"looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'ms_per_step')}"
+            + (f"; looptrain / plain: {paired(res['looptrain'], res['looptrain_plain'], 'ms_per_step')}" if "looptrain_plain" in res else ""))
     if "real" in results:
         res = results["real"]
         l, t = med(res["looptrain"], "cpu_s"), med(res["trainer"], "cpu_s")
@@ -639,16 +699,33 @@ def table(results: dict, cfg: dict, rounds: dict) -> str:
                     f"{'metrics equal' if equal else 'metrics DIFFERENT'} | equal | {verdict(equal)} |")
         notes.append("evaluate() peak RSS MB, min-max over rounds: " + ", ".join(
             f"{LABELS[c]} {spread(res[c], 'peak_rss_mb', '.0f')}" for c in res))
-    if "gpu" in results:
-        res = results["gpu"]
+    for section, seq_key, batch_key in (("gpu", "gpu_seq_len", "gpu_batch"), ("gpu_lm", "gpu_lm_seq_len", "gpu_lm_batch")):
+        if section not in results:
+            continue
+        res = results[section]
+        first = res["looptrain"][0]
+        name = f"5{'a' if section == 'gpu' else 'b'}. GPU bf16"
+        what = (f"{first['description']}{' (--quick)' if cfg.get('quick') else ''}, batch {cfg[batch_key]} x {cfg[seq_key]}, "
+                f"{first['device']} (n={rounds[section]})")
         b, l, t = (med(res[c], "ms_per_step") for c in ("bare", "looptrain", "trainer"))
-        tok = {c: med(res[c], "tokens_per_s") for c in res}
-        dev = res["looptrain"][0]["device"]
-        size = "small BERT (--quick)" if cfg.get("quick") else "BERT-base size (random init)"
-        rows.append(f"| 5. GPU bf16 ms per step, {size}, batch {cfg['gpu_batch']} x {cfg['gpu_seq_len']}, {dev} "
-                    f"(n={rounds['gpu']}) | {b:.2f} | {l:.2f} | {t:.2f} | looptrain / Trainer **{l / t:.3f}** "
+        rows.append(f"| {name} wall ms per step: {what} | {b:.2f} | {l:.2f} | {t:.2f} | looptrain / Trainer **{l / t:.3f}** "
                     f"(looptrain / bare {l / b:.3f}) | | |")
-        rows.append(f"| 5. GPU bf16 tokens per second | {tok['bare']:,.0f} | {tok['looptrain']:,.0f} | {tok['trainer']:,.0f} | | | |")
+        sps = {c: med(res[c], "samples_per_s") for c in res}
+        rows.append(f"| {name}: samples per second | {sps['bare']:,.1f} | {sps['looptrain']:,.1f} | {sps['trainer']:,.1f} | "
+                    f"looptrain / Trainer {sps['looptrain'] / sps['trainer']:.3f} | | |")
+        cpu = {c: med(res[c], "cpu_ms_per_step") for c in res}
+        rows.append(f"| {name}: CPU ms per step | {cpu['bare']:.2f} | {cpu['looptrain']:.2f} | {cpu['trainer']:.2f} | "
+                    f"looptrain / Trainer {cpu['looptrain'] / cpu['trainer']:.3f} | | |")
+        sync = {c: med(res[c], "loop_syncs_between_logs_per_step") for c in res}
+        model_sync = med(res["looptrain"], "model_syncs_per_step")
+        rows.append(f"| {name}: host syncs per step made by the loop between logs (the model's own: {model_sync:.2f}) | "
+                    f"{sync['bare']:.2f} | {sync['looptrain']:.2f} | {sync['trainer']:.2f} | | 0 for looptrain | "
+                    f"{verdict(sync['looptrain'] == 0)} |")
+        same = len({r["params_sha1"] for r in res["looptrain"] + res["trainer"]}) == 1
+        ref = res["trainer"][0]["tensor_sums"]
+        worst = max(abs(a - r) / max(abs(r), 1e-12) for run in res["looptrain"] for a, r in zip(run["tensor_sums"], ref))
+        rows.append(f"| {name}: final weights, looptrain vs Trainer | | | | "
+                    f"{'bit-identical' if same else f'differ: per-tensor sums within {worst:.1e} (relative)'} | | |")
     return "\n".join(rows) + "\n\n" + "\n".join(f"* {n}" for n in notes)
 
 
@@ -665,6 +742,34 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {{threads}} thread(s) per process, "
             f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, Python {platform.python_version()}")
+
+
+def cpu_profile(contender: str, cfg: dict, top: int = 30) -> int:
+    """Item 1 under cProfile with the process's CPU clock (other jobs on the machine do not count, unlike
+    pyinstrument's wall-clock samples): cumulative ms per optimizer step of the functions the loop calls, in
+    looptrain, accelerate, transformers' Trainer files and torch's module, optimizer and data-loader code."""
+    import cProfile
+    import pstats
+
+    set_threads(cfg["threads"])
+    worker_overhead(contender, dict(cfg, overhead_steps=5))  # imports and first-call caches out of the way
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    result = worker_overhead(contender, cfg)
+    profiler.disable()
+    steps = result["steps"]
+    keep = ("looptrain" + os.sep, "accelerate" + os.sep, "transformers" + os.sep + "trainer", "lr_scheduler.py",
+            os.path.join("optim", "optimizer.py"), "clip_grad.py", os.path.join("modules", "module.py"),
+            os.path.join("data", "dataloader.py"))
+    rows = []
+    for (path, line, name), (_, calls, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        if calls >= steps and any(k in path for k in keep):
+            short = path.split("site-packages" + os.sep)[-1].replace(ROOT + os.sep, "")
+            rows.append((cumulative / steps * 1000, calls / steps, f"{name} ({short}:{line})"))
+    print(f"{contender}: {result['ms_per_step']:.3f} CPU ms per step under cProfile (its own cost included)")
+    for ms, calls, name in sorted(rows, reverse=True)[:top]:
+        print(f"{ms:8.3f} ms/step {calls:6.1f} calls/step  {name}")
+    return 0
 
 
 def profile(contender: str, cfg: dict) -> int:
@@ -692,17 +797,26 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", help="item 5 only, on a CUDA GPU")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 5; 1 with --quick)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the contenders of items 1, 2, 4 and 5 in this process, in turn (on a machine so "
+                             "loaded that fresh processes swing more than the overhead being measured; item 3 always "
+                             "starts fresh processes)")
+    parser.add_argument("--overhead-steps", type=int, default=None,
+                        help="optimizer steps per item-1 run (default 500; with --in-process, shorter runs and more "
+                             "rounds interleave the contenders more finely)")
     parser.add_argument("--real-rounds", type=int, default=None, help="rounds for item 2 only (default: --rounds)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in each measured process (default 1; with --gpu, torch's default)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new round after this many seconds, once 3 rounds are done (default 240 with --gpu)")
+                        help="start no new round after this many seconds, once 3 rounds are done (default 300 with --gpu)")
     parser.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with MRPC's train.tsv and dev.tsv")
     parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
     parser.add_argument("--from-json", default=None, metavar="PATH",
                         help="print the table of measurements saved earlier with --json, measuring nothing")
-    parser.add_argument("--profile", choices=("bare", "looptrain", "trainer"), default=None,
+    parser.add_argument("--profile", choices=("bare", "looptrain", "looptrain_plain", "trainer"), default=None,
                         help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it")
+    parser.add_argument("--profile-cpu", action="store_true",
+                        help="with --profile: cProfile on the process's CPU clock instead of pyinstrument's wall-clock samples")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -718,16 +832,18 @@ def main(argv=None) -> int:
 
     threads = opts.threads if opts.threads is not None else (0 if opts.gpu else 1)
     cfg = dict(QUICK if opts.quick else FULL, threads=threads, glue_dir=opts.glue_dir, quick=opts.quick)
+    if opts.overhead_steps:
+        cfg["overhead_steps"] = opts.overhead_steps
     if opts.profile:
-        return profile(opts.profile, cfg)
+        return cpu_profile(opts.profile, cfg) if opts.profile_cpu else profile(opts.profile, cfg)
     if opts.from_json:
         with open(opts.from_json) as f:
             saved = json.load(f)
         print(saved["header"] + f"(table re-rendered from {opts.from_json})\n")
         print(table(saved["results"], saved["config"], saved["rounds"]))
         return 0
-    budget = opts.budget_s if opts.budget_s is not None else (240.0 if opts.gpu and not opts.quick else None)
-    sections = ["gpu"] if opts.gpu else (opts.sections.split(",") if opts.sections else list(SECTIONS))
+    budget = opts.budget_s if opts.budget_s is not None else (300.0 if opts.gpu and not opts.quick else None)
+    sections = ["gpu", "gpu_lm"] if opts.gpu else (opts.sections.split(",") if opts.sections else list(SECTIONS))
     unknown = [s for s in sections if s not in CONTENDERS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
@@ -736,7 +852,7 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA GPU; `--gpu --quick` checks the code path on a CPU")
-    rounds = opts.rounds or (1 if opts.quick else 5)
+    rounds = opts.rounds or (1 if opts.quick else 3 if opts.gpu else 5)
     per_section = {s: (opts.real_rounds or rounds) if s == "real" else rounds for s in sections}
 
     def log(msg):
@@ -746,7 +862,7 @@ def main(argv=None) -> int:
     results = {}
     for section in sections:
         log(f"{section}: {per_section[section]} round(s) of {', '.join(CONTENDERS[section])}")
-        results[section] = measure(section, cfg, per_section[section], opts.quick, log,
+        results[section] = measure(section, cfg, per_section[section], opts.quick or opts.in_process, log,
                                    deadline=None if budget is None else start + budget)
         per_section[section] = len(next(iter(results[section].values())))  # rounds actually run
     command = "python scripts/bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()

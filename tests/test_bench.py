@@ -36,7 +36,7 @@ def test_quick_mode_prints_the_table():
     sections = "overhead,real,startup,evalmem" if has_real else "overhead,startup,evalmem"
     table = run_bench("--quick", "--sections", sections)
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    expected = ["1. overhead", "1. final weights", "3. time to first step", "4. evaluate() peak RSS MB, default",
+    expected = ["1. overhead", "1. overhead, looptrain with its fast paths off", "1. final weights", "3. time to first step", "4. evaluate() peak RSS MB, default",
                 "4. evaluate() peak RSS MB, streaming", "4. evaluate() memory growth", "4. evaluate() s"]
     if has_real:
         expected += ["2. real run: CPU s", "2. real run: eval loss"]
@@ -51,9 +51,17 @@ def test_quick_mode_prints_the_table():
 
 
 def test_gpu_mode_code_path_runs_on_cpu():
-    """`--gpu --quick` runs item 5's code (bf16, three contenders) with a small model on whatever device there is."""
+    """`--gpu --quick` runs item 5's code (bf16, three contenders, BERT and a causal LM) with small models on
+    whatever device there is: timings, host syncs (none by looptrain's loop) and the weights compared."""
     table = run_bench("--gpu", "--quick")
-    assert "5. GPU bf16 ms per step" in table and "5. GPU bf16 tokens per second" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    for item in ("5a.", "5b."):
+        for figure in ("wall ms per step", "samples per second", "CPU ms per step", "host syncs per step", "final weights"):
+            assert any(row.startswith(f"| {item}") and figure in row for row in rows), f"no {item} {figure!r} row:\n{table}"
+        syncs = next(row for row in rows if row.startswith(f"| {item}") and "host syncs" in row)
+        assert syncs.rstrip(" |").endswith("**yes**"), syncs  # looptrain: 0 per step between logs
+        weights = next(row for row in rows if row.startswith(f"| {item}") and "final weights" in row)
+        assert "bit-identical" in weights, weights  # on a CPU, looptrain and Trainer end with the same weights
 
 
 def test_gpu_mode_refuses_to_run_without_a_gpu():
