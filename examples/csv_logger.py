@@ -63,6 +63,7 @@ def _text(value):
 
 def read_csv_log(path: str) -> list[dict]:
     """The rows back, numbers as numbers and empty cells left out."""
+
     def number(text):
         for kind in (int, float):
             try:

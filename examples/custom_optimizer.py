@@ -97,7 +97,10 @@ def main(argv=None):
     trainer.train()
     for group in trainer.optimizer.param_groups:
         print(f"  lr {group['lr']:.2e}  weight_decay {group['weight_decay']}  tensors {len(group['params'])}")
-    print("logged learning rates:", [f"{e['learning_rate']:.2e}" for e in trainer.state.log_history if "learning_rate" in e])
+    print(
+        "logged learning rates:",
+        [f"{e['learning_rate']:.2e}" for e in trainer.state.log_history if "learning_rate" in e],
+    )
     return trainer
 
 

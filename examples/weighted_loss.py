@@ -56,7 +56,10 @@ def main(argv=None):
     options = toy.recipe_options(__doc__.splitlines()[0], argv)
     Trainer, TrainingArguments = toy.trainer_classes(options.library)
     tokenizer = toy.toy_tokenizer()
-    train, evals = toy.toy_sentiment(96, seed=1, tokenizer=tokenizer), toy.toy_sentiment(32, seed=2, tokenizer=tokenizer)
+    train, evals = (
+        toy.toy_sentiment(96, seed=1, tokenizer=tokenizer),
+        toy.toy_sentiment(32, seed=2, tokenizer=tokenizer),
+    )
     weights = class_weights_for(train["label"], num_classes=2)
     trainer = weighted_trainer_class(Trainer)(
         model=toy.tiny_bert(len(tokenizer)),
@@ -67,8 +70,10 @@ def main(argv=None):
         class_weights=weights,
     )
     trainer.train()
-    print(f"{type(trainer).__name__}: class weights {[round(w, 2) for w in weights]}, "
-          f"final eval_loss (weighted) {[e for e in trainer.state.log_history if 'eval_loss' in e][-1]['eval_loss']:.4f}")
+    print(
+        f"{type(trainer).__name__}: class weights {[round(w, 2) for w in weights]}, "
+        f"final eval_loss (weighted) {[e for e in trainer.state.log_history if 'eval_loss' in e][-1]['eval_loss']:.4f}"
+    )
     return trainer
 
 

@@ -128,15 +128,20 @@ class BackendMixin:
             if self.is_deepspeed_enabled:
                 raise ValueError("fsdp and deepspeed cannot be used together: choose one.")
             if args.parallel_mode != ParallelMode.DISTRIBUTED:
-                raise ValueError("fsdp only works in distributed training: start the script with `accelerate launch` or torchrun.")
+                raise ValueError(
+                    "fsdp only works in distributed training: start the script with `accelerate launch` or torchrun."
+                )
         # Trainer: the model moves to the device now, unless something else places it (model parallel,
         # DeepSpeed, FSDP) or full-precision evaluation casts it first.
         if args.place_model_on_device is not None:
             self.place_model_on_device = args.place_model_on_device
         else:
             self.place_model_on_device = not (
-                self.is_model_parallel or self.is_deepspeed_enabled or self.is_fsdp_enabled
-                or args.fp16_full_eval or args.bf16_full_eval
+                self.is_model_parallel
+                or self.is_deepspeed_enabled
+                or self.is_fsdp_enabled
+                or args.fp16_full_eval
+                or args.bf16_full_eval
             )
         if self.place_model_on_device and getattr(model, "quantization_method", None) != "bitsandbytes":
             self._move_model_to_device(model, args.device)
@@ -206,7 +211,11 @@ class BackendMixin:
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
         """The keyword arguments of `Accelerator(...)` that come from the training arguments (Trainer's)."""
         args = self.args
-        accelerator_args = {"mixed_precision": args.mixed_precision, "deepspeed_plugin": args.deepspeed_plugin, **kwargs}
+        accelerator_args = {
+            "mixed_precision": args.mixed_precision,
+            "deepspeed_plugin": args.deepspeed_plugin,
+            **kwargs,
+        }
         if args.ddp_find_unused_parameters is not None:
             find_unused = args.ddp_find_unused_parameters
         elif isinstance(self.model, PreTrainedModel):
@@ -215,8 +224,11 @@ class BackendMixin:
         else:
             find_unused = True
         ddp_kwargs = {"find_unused_parameters": find_unused}
-        for name, key in (("ddp_bucket_cap_mb", "bucket_cap_mb"), ("ddp_broadcast_buffers", "broadcast_buffers"),
-                          ("ddp_static_graph", "static_graph")):
+        for name, key in (
+            ("ddp_bucket_cap_mb", "bucket_cap_mb"),
+            ("ddp_broadcast_buffers", "broadcast_buffers"),
+            ("ddp_static_graph", "static_graph"),
+        ):
             if getattr(args, name) is not None:
                 ddp_kwargs[key] = getattr(args, name)
         accelerator_args["kwargs_handlers"] = [DistributedDataParallelKwargs(**ddp_kwargs)]
@@ -257,7 +269,10 @@ class BackendMixin:
         grad_acc_kwargs["num_steps"] = 1
         accelerator_config = args.accelerator_config.to_dict()
         dataloader_config = DataLoaderConfiguration(
-            **{k: accelerator_config.pop(k) for k in ("split_batches", "dispatch_batches", "even_batches", "use_seedable_sampler")}
+            **{
+                k: accelerator_config.pop(k)
+                for k in ("split_batches", "dispatch_batches", "even_batches", "use_seedable_sampler")
+            }
         )
         # Trainer: the seedable sampler orders epoch e by randperm(data_seed + e), never touching the global RNG.
         dataloader_config.data_seed = args.data_seed
@@ -282,7 +297,11 @@ class BackendMixin:
         )
         self.is_deepspeed_enabled = getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
         self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
-        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.activation_checkpointing and args.activation_checkpointing:
+        if (
+            self.is_fsdp_enabled
+            and self.accelerator.state.fsdp_plugin.activation_checkpointing
+            and args.activation_checkpointing
+        ):
             raise ValueError(
                 "fsdp_config activation_checkpointing and the activation_checkpointing argument are both on: use FSDP's "
                 "(fsdp_config) under FSDP."
@@ -292,18 +311,29 @@ class BackendMixin:
 
             propagate_args_to_deepspeed(self.accelerator, args)  # a DeepSpeed config that came from accelerate launch
         if args.save_only_model and (self.is_deepspeed_enabled or self.is_fsdp_enabled) and args.load_best_model_at_end:
-            raise ValueError("save_only_model with load_best_model_at_end cannot reload the best model under DeepSpeed/FSDP.")
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3 and args.auto_find_batch_size:
+            raise ValueError(
+                "save_only_model with load_best_model_at_end cannot reload the best model under DeepSpeed/FSDP."
+            )
+        if (
+            self.is_deepspeed_enabled
+            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+            and args.auto_find_batch_size
+        ):
             raise ValueError("auto_find_batch_size does not work with DeepSpeed ZeRO-3; use ZeRO-1/2 or FSDP.")
-        if args.save_only_model and self.is_fsdp_enabled and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+        if (
+            args.save_only_model
+            and self.is_fsdp_enabled
+            and "SHARDED_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        ):
             raise ValueError("save_only_model cannot save an FSDP SHARDED_STATE_DICT: use FULL_STATE_DICT.")
-
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """Build the optimizer, hand model and optimizer to `accelerate.prepare`, build the schedule, and load
         the checkpoint's optimizer, schedule and scaler state. Returns (the model to train, the dataloader)."""
         # Trainer: FSDP 1 shards the model before the optimizer is built on it (FSDP 2 keeps the parameters).
-        delay_optimizer_creation = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2
+        delay_optimizer_creation = (
+            self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2
+        )
         if self._created_lr_scheduler:  # Trainer: a schedule built by an earlier train() restarts
             self.lr_scheduler, self._created_lr_scheduler = None, False
         if self.is_deepspeed_enabled:
@@ -321,7 +351,9 @@ class BackendMixin:
                 self.create_optimizer(model)
                 self.optimizer = self.accelerator.prepare(self.optimizer)
             elif self.is_deepspeed_enabled and type(self.lr_scheduler).__name__ == "DummyScheduler":
-                model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.model, self.optimizer, self.lr_scheduler)
+                model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                    self.model, self.optimizer, self.lr_scheduler
+                )
             else:
                 model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         else:
@@ -340,7 +372,9 @@ class BackendMixin:
             if self.is_deepspeed_enabled:
                 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 
-                deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=not _is_peft_model(self.model))
+                deepspeed_load_checkpoint(
+                    self.model_wrapped, resume_from_checkpoint, load_module_strict=not _is_peft_model(self.model)
+                )
             elif self.is_fsdp_enabled:
                 self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
@@ -349,7 +383,6 @@ class BackendMixin:
             setattr(self.callback_handler, name, getattr(self, name))
         self.callback_handler.train_dataloader = train_dataloader
         return model, train_dataloader
-
 
     # ============================================================================ batch sizes and parallelism
     def get_total_train_batch_size(self, args) -> int:
@@ -381,7 +414,11 @@ class BackendMixin:
         DeepSpeed wrap the model in `accelerate.prepare` instead."""
         if self.accelerator.unwrap_model(model, keep_torch_compile=False) is not model:
             return model  # already wrapped by an earlier train()/evaluate()
-        if self.args.n_gpu > 1 and not getattr(model, "is_loaded_in_8bit", False) and not getattr(model, "is_loaded_in_4bit", False):
+        if (
+            self.args.n_gpu > 1
+            and not getattr(model, "is_loaded_in_8bit", False)
+            and not getattr(model, "is_loaded_in_4bit", False)
+        ):
             model = nn.DataParallel(model)
         return model
 
@@ -417,7 +454,9 @@ class BackendMixin:
                 "define activation_checkpointing_enable.",
                 FutureWarning,
             )
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload)
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
 
     def _move_model_to_device(self, model, device) -> None:
         """Move the model to the device, unless device_map already spread it over several."""
@@ -427,7 +466,6 @@ class BackendMixin:
         model = model.to(device)
         if self.args.parallel_mode == ParallelMode.TPU and hasattr(model, "tie_weights"):
             model.tie_weights()  # Trainer: moving to an XLA device unties weights
-
 
     def _prepare_input(self, data):
         """Move a (nested) batch to the device; accelerate's loader usually already did."""
@@ -462,14 +500,16 @@ class BackendMixin:
             return contextlib.nullcontext, inputs
         if pc.cp_backend == "torch":
             if hasattr(model, "config") and model.config._attn_implementation != "sdpa":
-                raise ValueError(f"Context parallelism needs SDPA attention; the model uses {model.config._attn_implementation}.")
+                raise ValueError(
+                    f"Context parallelism needs SDPA attention; the model uses {model.config._attn_implementation}."
+                )
             if "shift_labels" not in inputs and "labels" in inputs:
                 labels = nn.functional.pad(inputs["labels"], (0, 1), value=-100)
                 inputs["shift_labels"] = labels[:, 1:].contiguous()
         if "position_ids" not in inputs:
-            inputs["position_ids"] = torch.arange(inputs["input_ids"].size(1), device=inputs["input_ids"].device).expand(
-                inputs["input_ids"].size(0), -1
-            )
+            inputs["position_ids"] = torch.arange(
+                inputs["input_ids"].size(1), device=inputs["input_ids"].device
+            ).expand(inputs["input_ids"].size(0), -1)
         buffers = [inputs[k] for k in ("input_ids", "labels", "shift_labels") if k in inputs]
         if "attention_mask" in inputs:
             from transformers.trainer_pt_utils import is_attention_mask_causal
@@ -483,7 +523,9 @@ class BackendMixin:
         if inputs.get("position_ids") is not None:
             buffers.append(inputs["position_ids"])
         return functools.partial(
-            self.accelerator.maybe_context_parallel, buffers=buffers, buffer_seq_dims=[1] * len(buffers),
+            self.accelerator.maybe_context_parallel,
+            buffers=buffers,
+            buffer_seq_dims=[1] * len(buffers),
             no_restore_buffers=set(buffers),
         ), inputs
 
@@ -531,7 +573,9 @@ class BackendMixin:
             tokens = (inputs[main_input] != self.processing_class.pad_token_id).sum()
         else:
             if mode == "non_padding":
-                logger.warning("include_num_input_tokens_seen='non_padding': no attention mask or pad token; counting all tokens.")
+                logger.warning(
+                    "include_num_input_tokens_seen='non_padding': no attention mask or pad token; counting all tokens."
+                )
             tokens = inputs[main_input].numel()
         self.state.num_input_tokens_seen += fastpath.tokens_seen(self, tokens)  # gather(...).sum().item()
 
@@ -542,7 +586,11 @@ class BackendMixin:
         (`average_tokens_across_devices`). README, "Deliberate differences" says why looptrain keeps it.
         Called at each window whose batches carry a label count (`num_items_in_batch`), the only ones in the hazard
         (sentence-transformers' batches, with `label`, have none: their loss is divided); decided once."""
-        if self.loss_is_scaled_for_ga is not None or self.compute_loss_func is not None or not self.model_accepts_loss_kwargs:
+        if (
+            self.loss_is_scaled_for_ga is not None
+            or self.compute_loss_func is not None
+            or not self.model_accepts_loss_kwargs
+        ):
             return
         if self._warned_loss_scale:
             return
@@ -566,11 +614,11 @@ class BackendMixin:
         if hazards:
             warnings.warn(
                 f"{name}.forward takes **kwargs but does not use num_items_in_batch, so (as in transformers.Trainer 5.24) "
-                + "; and ".join(hazards) + ".",
+                + "; and ".join(hazards)
+                + ".",
                 UserWarning,
                 stacklevel=5,  # the caller of train()
             )
-
 
     def store_flos(self) -> None:
         """Move this process's FLOP count into `state.total_flos` (summed over processes)."""
@@ -595,7 +643,6 @@ class BackendMixin:
                 self._flops_model, self._flops_params = self.model, self.model.num_parameters(exclude_embeddings=True)
             return 6 * inputs[main_input].numel() * self._flops_params
         return 0
-
 
 
 def _model_uses_num_items(model) -> bool:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
-from transformers.trainer_pt_utils import remove_dummy_checkpoint, reissue_pt_warnings
+from transformers.trainer_pt_utils import reissue_pt_warnings, remove_dummy_checkpoint
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     _is_peft_model,
@@ -187,13 +187,20 @@ class Resume:
         if steps_to_skip >= steps_in_epoch:
             # looptrain: the checkpoint precedes this epoch's end (see `plan_resume`): nothing is left to train in it.
             # Its end runs from the checkpoint's RNG, with the last step's norm and learning rate.
-            return EpochStart(self.path, first_window=self.optimizer_steps_per_epoch, restore_rng_first=True,
-                              only_epoch_end=True, training_stopped=self.plan is not None and self.plan.training_stopped)
+            return EpochStart(
+                self.path,
+                first_window=self.optimizer_steps_per_epoch,
+                restore_rng_first=True,
+                only_epoch_end=True,
+                training_stopped=self.plan is not None and self.plan.training_stopped,
+            )
         if steps_to_skip > 0:
             # Trainer: the consumed batches are skipped at the sampler; the RNG is restored once the first window
             # is fetched (creating the skipping iterator drew from it).
             window = steps_to_skip // self.micro_batches_per_step
-            return EpochStart(self.path, first_window=window, micro_batches_to_skip=steps_to_skip, restore_rng_after_window=window)
+            return EpochStart(
+                self.path, first_window=window, micro_batches_to_skip=steps_to_skip, restore_rng_after_window=window
+            )
         return EpochStart(self.path, restore_rng_first=True)
 
 
@@ -236,7 +243,9 @@ def plan_resume(
         stopped = finished or bool(saved_control.get("should_training_stop") and global_step < (state.max_steps or 0))
         if global_step % per_epoch == 0 or stopped or saved_control.get("should_epoch_stop"):
             # every micro-batch of that epoch counts as consumed: only its end is left to run
-            return ResumePlan((global_step - 1) // per_epoch, steps_to_skip=per_epoch * per_window, training_stopped=stopped)
+            return ResumePlan(
+                (global_step - 1) // per_epoch, steps_to_skip=per_epoch * per_window, training_stopped=stopped
+            )
     if finished:
         epochs_trained = max(epochs_trained, global_step // per_epoch + 1)  # nothing is left to train
     return ResumePlan(epochs_trained, steps_to_skip)
@@ -249,7 +258,9 @@ def trainer_saves_at_epoch_end(args) -> bool:
     return strategy == "epoch" or (strategy == "best" and args.eval_strategy == "epoch")
 
 
-def describe_resume(checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, only_epoch_end: bool) -> str:
+def describe_resume(
+    checkpoint: str, global_step: int, epochs_trained: int, steps_to_skip: int, only_epoch_end: bool
+) -> str:
     """The line a resumed run logs: from where, at which step and epoch, what it skips."""
     where = f"Resuming from {checkpoint} at step {global_step}, epoch {epochs_trained}"
     if only_epoch_end:
@@ -265,7 +276,9 @@ def trainer_state_from_json(data: dict, checkpoint: str) -> TrainerState:
         state = TrainerState(**data)
         int(state.global_step)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint}/{TRAINER_STATE_NAME} is not a Trainer state ({_first_line(err)}).") from None
+        raise CheckpointError(
+            f"{checkpoint}/{TRAINER_STATE_NAME} is not a Trainer state ({_first_line(err)})."
+        ) from None
     return state
 
 
@@ -328,9 +341,15 @@ class CheckpointMixin:
             state_dict = self.model.state_dict() if state_dict is None else state_dict
             logger.info("The model is not a PreTrainedModel: only its weights are saved (model.safetensors).")
             safetensors.torch.save_file(
-                {k: v.contiguous() for k, v in state_dict.items()}, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"}
+                {k: v.contiguous() for k, v in state_dict.items()},
+                os.path.join(output_dir, SAFE_WEIGHTS_NAME),
+                metadata={"format": "pt"},
             )
-        tokenizer = self.processing_class if self.processing_class is not None else getattr(self.data_collator, "tokenizer", None)
+        tokenizer = (
+            self.processing_class
+            if self.processing_class is not None
+            else getattr(self.data_collator, "tokenizer", None)
+        )
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(output_dir)
         write_training_args(self.args, output_dir)
@@ -414,7 +433,9 @@ class CheckpointMixin:
             save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
         elif self.args.should_save:
             torch.save(self.optimizer.state_dict(), os.path.join(output_dir, OPTIMIZER_NAME))
-        deepspeed_owns_scheduler = self.is_deepspeed_enabled and type(self.lr_scheduler).__name__ == "DeepSpeedSchedulerWrapper"
+        deepspeed_owns_scheduler = (
+            self.is_deepspeed_enabled and type(self.lr_scheduler).__name__ == "DeepSpeedSchedulerWrapper"
+        )
         if self.args.should_save and not deepspeed_owns_scheduler:
             with _caught_warnings():
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
@@ -486,7 +507,9 @@ class CheckpointMixin:
             return self._resume.files.get(key)
         return read_checkpoint(checkpoint, self._rng_file_name()).get(key)
 
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial) -> tuple[int, int]:
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
         """A fresh `TrainerState`, or the checkpoint's; return (epochs done, micro-batches of the next epoch to skip).
 
         Resuming follows a plan computed from the checkpoint alone (`plan_resume`): Trainer's rule (`global_step //
@@ -501,9 +524,13 @@ class CheckpointMixin:
         self.state.compute_steps(self.args, max_steps)  # resolves ratio logging/eval/save steps
         epochs_trained, steps_to_skip = 0, 0
         if resume_from_checkpoint is not None:
-            self.state = trainer_state_from_json(self._checkpoint_file(resume_from_checkpoint, "trainer_state"), resume_from_checkpoint)
+            self.state = trainer_state_from_json(
+                self._checkpoint_file(resume_from_checkpoint, "trainer_state"), resume_from_checkpoint
+            )
             if self.state.best_model_checkpoint is not None and not os.path.isdir(self.state.best_model_checkpoint):
-                logger.warning(f"The best checkpoint {self.state.best_model_checkpoint} no longer exists; it is forgotten.")
+                logger.warning(
+                    f"The best checkpoint {self.state.best_model_checkpoint} no longer exists; it is forgotten."
+                )
                 self.state.best_model_checkpoint = None
             compare_trainer_and_checkpoint_args(self.args, self.state)
             self._load_callback_state()
@@ -523,7 +550,11 @@ class CheckpointMixin:
                 self._resume.micro_batches_per_step = self.args.gradient_accumulation_steps
             # looptrain: said at WARNING, Trainer's default verbosity, so that a resumed run never goes unnoticed.
             only_epoch_end = steps_to_skip >= num_update_steps_per_epoch * self.args.gradient_accumulation_steps
-            logger.warning(describe_resume(resume_from_checkpoint, self.state.global_step, epochs_trained, steps_to_skip, only_epoch_end))
+            logger.warning(
+                describe_resume(
+                    resume_from_checkpoint, self.state.global_step, epochs_trained, steps_to_skip, only_epoch_end
+                )
+            )
         self.state.init_training_references(self, max_steps, num_train_epochs, trial)
         return epochs_trained, steps_to_skip
 
@@ -577,7 +608,11 @@ class CheckpointMixin:
             optimizer_state = None
             if has_fsdp_optimizer_state(checkpoint) and self._checkpoint_file(checkpoint, "scheduler") is not None:
                 load_fsdp_optimizer(
-                    self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, checkpoint,
+                    self.accelerator.state.fsdp_plugin,
+                    self.accelerator,
+                    self.optimizer,
+                    self.model,
+                    checkpoint,
                     **get_fsdp_ckpt_kwargs(),
                 )
                 optimizer_state = "loaded"
@@ -591,7 +626,9 @@ class CheckpointMixin:
             try:
                 self.optimizer.load_state_dict(optimizer_state)
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
-                raise CheckpointError(f"{checkpoint}/{OPTIMIZER_NAME} does not fit this model's optimizer ({err}).") from None
+                raise CheckpointError(
+                    f"{checkpoint}/{OPTIMIZER_NAME} does not fit this model's optimizer ({err})."
+                ) from None
         try:
             self.lr_scheduler.load_state_dict(scheduler_state)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -645,7 +682,9 @@ class CheckpointMixin:
             if name == TrainerControl.__name__:
                 continue
             entries = data if isinstance(data, list) else [data]
-            positions = [i for i, cb in enumerate(callbacks) if type(cb).__name__ == name and isinstance(cb, ExportableState)]
+            positions = [
+                i for i, cb in enumerate(callbacks) if type(cb).__name__ == name and isinstance(cb, ExportableState)
+            ]
             if not positions:
                 not_found.append(name)
                 continue
@@ -661,7 +700,9 @@ class CheckpointMixin:
             callbacks.remove(old)
             callbacks.append(new)
         if not_found:
-            logger.warning(f"The checkpoint holds state of callbacks this Trainer does not have: {', '.join(not_found)}.")
+            logger.warning(
+                f"The checkpoint holds state of callbacks this Trainer does not have: {', '.join(not_found)}."
+            )
 
 
 # ================================================================================ reading a checkpoint safely
@@ -690,7 +731,12 @@ def read_checkpoint(checkpoint: str, rng_file_name: str) -> dict:
     for name in (LOOP_STATE_NAME, CONFIG_NAME, TRAINING_ARGS_NAME):
         if os.path.exists(os.path.join(checkpoint, name)):
             files[name] = read_json(os.path.join(checkpoint, name))
-    for key, name in (("optimizer", OPTIMIZER_NAME), ("scheduler", SCHEDULER_NAME), ("scaler", SCALER_NAME), ("rng", rng_file_name)):
+    for key, name in (
+        ("optimizer", OPTIMIZER_NAME),
+        ("scheduler", SCHEDULER_NAME),
+        ("scaler", SCALER_NAME),
+        ("rng", rng_file_name),
+    ):
         if os.path.exists(os.path.join(checkpoint, name)):
             files[key] = safe_torch_load(os.path.join(checkpoint, name))
     rng = files.get("rng")
@@ -698,11 +744,15 @@ def read_checkpoint(checkpoint: str, rng_file_name: str) -> dict:
         raise CheckpointError(f"{checkpoint}/{rng_file_name} is not an RNG state (keys python, numpy, cpu).")
     for key in ("optimizer", "scheduler", "scaler"):
         if key in files and not isinstance(files[key], dict):
-            raise CheckpointError(f"{checkpoint}: the {key} file holds a {type(files[key]).__name__}, not a state dict.")
+            raise CheckpointError(
+                f"{checkpoint}: the {key} file holds a {type(files[key]).__name__}, not a state dict."
+            )
     check_sharded_files(checkpoint)  # FSDP's and DeepSpeed's own files are read by their loaders, later
     loop = files.get(LOOP_STATE_NAME)
     if loop is not None and not {"saved_at", "tr_loss", "globalstep_last_logged"} <= loop.keys():
-        raise CheckpointError(f"{checkpoint}/{LOOP_STATE_NAME} lacks the keys saved_at, tr_loss, globalstep_last_logged.")
+        raise CheckpointError(
+            f"{checkpoint}/{LOOP_STATE_NAME} lacks the keys saved_at, tr_loss, globalstep_last_logged."
+        )
     return files
 
 
@@ -741,7 +791,9 @@ def check_sharded_files(checkpoint: str) -> None:
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            allowed = module.startswith("torch.distributed.checkpoint.") or name in _DCP_METADATA_GLOBALS.get(module, ())
+            allowed = module.startswith("torch.distributed.checkpoint.") or name in _DCP_METADATA_GLOBALS.get(
+                module, ()
+            )
             if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
                 allowed = True
             if not allowed:
@@ -761,7 +813,9 @@ def check_sharded_files(checkpoint: str) -> None:
         try:
             unexpected = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _DEEPSPEED_GLOBALS
         except Exception as err:
-            raise CheckpointError(f"{path} cannot be read as a DeepSpeed checkpoint file ({type(err).__name__}: {_first_line(err)}).") from None
+            raise CheckpointError(
+                f"{path} cannot be read as a DeepSpeed checkpoint file ({type(err).__name__}: {_first_line(err)})."
+            ) from None
         if unexpected:
             raise CheckpointError(
                 f"Refusing to resume from {path}: DeepSpeed would unpickle it, and it references "
@@ -780,7 +834,9 @@ def load_weights(checkpoint: str, model, accelerator, is_fsdp_enabled: bool):
         or os.path.isfile(os.path.join(checkpoint, f"{FSDP_MODEL_NAME}.bin"))
     )
     if is_fsdp_checkpoint and not is_fsdp_enabled:
-        raise CheckpointError(f"{checkpoint} holds FSDP-sharded weights: resume it under FSDP (accelerate launch with an FSDP config).")
+        raise CheckpointError(
+            f"{checkpoint} holds FSDP-sharded weights: resume it under FSDP (accelerate launch with an FSDP config)."
+        )
     if is_fsdp_enabled:
         from accelerate.utils import load_fsdp_model
         from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
@@ -789,7 +845,11 @@ def load_weights(checkpoint: str, model, accelerator, is_fsdp_enabled: bool):
     config = getattr(model, "config", None)
     config_path = os.path.join(checkpoint, CONFIG_NAME)
     saved_config = read_json(config_path) if os.path.isfile(config_path) else None
-    if config is not None and saved_config is not None and saved_config.get("model_type") not in (None, getattr(config, "model_type", None)):
+    if (
+        config is not None
+        and saved_config is not None
+        and saved_config.get("model_type") not in (None, getattr(config, "model_type", None))
+    ):
         raise CheckpointError(
             f"{checkpoint} is a checkpoint of a {saved_config.get('model_type')!r} model, and this model is a "
             f"{config.model_type!r} ({type(model).__name__})."
@@ -812,7 +872,9 @@ def load_weights(checkpoint: str, model, accelerator, is_fsdp_enabled: bool):
         return model.load_state_dict(state_dict, strict=False)
     if _is_peft_model(model):
         return _load_adapters(checkpoint, model)
-    if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)) or os.path.isfile(os.path.join(checkpoint, WEIGHTS_INDEX_NAME)):
+    if os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)) or os.path.isfile(
+        os.path.join(checkpoint, WEIGHTS_INDEX_NAME)
+    ):
         from transformers.trainer_utils import load_sharded_checkpoint
 
         result = load_sharded_checkpoint(model, checkpoint, strict=False)
@@ -854,7 +916,11 @@ def _load_adapters(checkpoint: str, model):
     has_adapter = lambda folder: any(  # noqa: E731
         os.path.isfile(os.path.join(folder, n)) for n in (ADAPTER_WEIGHTS_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
     )
-    subdirs = [n for n in os.listdir(checkpoint) if os.path.isdir(os.path.join(checkpoint, n)) and has_adapter(os.path.join(checkpoint, n))]
+    subdirs = [
+        n
+        for n in os.listdir(checkpoint)
+        if os.path.isdir(os.path.join(checkpoint, n)) and has_adapter(os.path.join(checkpoint, n))
+    ]
     if not (has_adapter(checkpoint) or subdirs):
         raise CheckpointError(f"{checkpoint} holds no adapter weights for this PEFT model.")
     active = model.active_adapters[0]

@@ -53,8 +53,11 @@ def check_process_group(accelerator) -> None:
     output folder. Refused on every process, before anything is written."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes == 1:
-        wanted = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else (
-            "DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "distributed")
+        wanted = (
+            "FSDP"
+            if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            else ("DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else "distributed")
+        )
         raise RuntimeError(
             f"The launcher started {launched} processes (WORLD_SIZE={launched}, this one RANK={os.environ.get('RANK', '?')}), "
             f"but they are not connected: accelerate set up this process alone ({accelerator.distributed_type.value}, "
@@ -200,7 +203,9 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
         import traceback
 
         frames = traceback.extract_tb(err.__traceback__)
-        if frames and frames[-1].filename.endswith(os.path.join("looptrain", "trainer.py")):  # the loop's loss arithmetic
+        if frames and frames[-1].filename.endswith(
+            os.path.join("looptrain", "trainer.py")
+        ):  # the loop's loss arithmetic
             keys = ", ".join(inputs.keys()) if hasattr(inputs, "keys") else "?"
             return ValueError(
                 f"The training loss is None: {name} returned no loss for a batch with {keys} ({text}). A model "
@@ -244,7 +249,13 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
             "the longer examples."
         )
     vocab = getattr(config, "vocab_size", None)
-    if "index out of range" in text and torch.is_tensor(ids) and not ids.is_floating_point() and vocab and int(ids.max()) >= vocab:
+    if (
+        "index out of range" in text
+        and torch.is_tensor(ids)
+        and not ids.is_floating_point()
+        and vocab
+        and int(ids.max()) >= vocab
+    ):
         return ValueError(
             f"A batch has token id {int(ids.max())}, but {name}'s vocabulary has {vocab} entries: the tokenizer does not "
             "match the model (resize the embeddings with model.resize_token_embeddings(len(tokenizer)) after adding "
@@ -292,7 +303,9 @@ class DivergenceGuard:
             return
         last_good_checkpoint = find_last_checkpoint()
         where = (
-            f"the last checkpoint before it is {last_good_checkpoint}" if last_good_checkpoint else "no checkpoint was saved before it"
+            f"the last checkpoint before it is {last_good_checkpoint}"
+            if last_good_checkpoint
+            else "no checkpoint was saved before it"
         )
         raise TrainingDiverged(
             f"Training diverged: {self.what} {step}, so the weights after it are not finite. Nothing after step "

@@ -127,14 +127,16 @@ def record(side: str, record_dir: str, max_steps: int | None, target: str, argv:
             weights = f"weights-{i}.pt"
             state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
             torch.save(state, record_dir / weights)
-        entries.append({
-            "class": _class_name(type(trainer)),
-            "loop": "looptrain" if isinstance(trainer, LooptrainTrainer) else "transformers",
-            "output_dir": os.path.abspath(trainer.args.output_dir),
-            "log_history": trainer.state.log_history,
-            "initial_weights": trainer._compare_initial,
-            "weights": weights,
-        })
+        entries.append(
+            {
+                "class": _class_name(type(trainer)),
+                "loop": "looptrain" if isinstance(trainer, LooptrainTrainer) else "transformers",
+                "output_dir": os.path.abspath(trainer.args.output_dir),
+                "log_history": trainer.state.log_history,
+                "initial_weights": trainer._compare_initial,
+                "weights": weights,
+            }
+        )
     backups = {d: b for d, b in seen_dirs.items() if b is not None}
     (record_dir / "record.json").write_text(json.dumps({"trainers": entries, "before": backups}, default=repr))
 
@@ -209,7 +211,11 @@ def _first_tensor_difference(a: dict, b: dict) -> str | None:
             return f"{name}: only in the {'transformers' if name in a else 'looptrain'} run"
         x, y = a[name], b[name]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            found = _first_json_difference(x, y) if not (isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor)) else ("", x, y)
+            found = (
+                _first_json_difference(x, y)
+                if not (isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor))
+                else ("", x, y)
+            )
             if found:
                 return f"{name}{found[0]}: transformers {found[1]!r}, looptrain {found[2]!r}"
             continue
@@ -256,7 +262,10 @@ def _file_difference(a: Path, b: Path) -> str | None:
         import torch
 
         try:
-            ta, tb = torch.load(a, weights_only=True, map_location="cpu"), torch.load(b, weights_only=True, map_location="cpu")
+            ta, tb = (
+                torch.load(a, weights_only=True, map_location="cpu"),
+                torch.load(b, weights_only=True, map_location="cpu"),
+            )
         except Exception:  # not a weights-only torch file: bytes decide
             return "contents differ"
         return _first_tensor_difference(_flatten(ta), _flatten(tb))
@@ -351,7 +360,11 @@ def _outermost(folders):
 
 def _check_movable(folder: str, target: str, work: Path) -> None:
     """Never move aside a folder that holds the script, the current folder or the comparison itself."""
-    inside = [p for p in (os.getcwd(), os.path.abspath(target), str(work)) if (p + os.sep).startswith(folder.rstrip(os.sep) + os.sep)]
+    inside = [
+        p
+        for p in (os.getcwd(), os.path.abspath(target), str(work))
+        if (p + os.sep).startswith(folder.rstrip(os.sep) + os.sep)
+    ]
     if inside:
         raise Difference(
             f"output_dir {folder} contains {inside[0]}: compare moves each run's output_dir aside, so the script needs an "
@@ -370,7 +383,7 @@ def main(argv: list[str]) -> int:
     options, rest = parser.parse_known_args(argv[: _target_index(argv)])
     if rest:
         parser.error(f"unknown options {rest}")
-    target, as_module, script_args = _target(parser, argv[_target_index(argv):])
+    target, as_module, script_args = _target(parser, argv[_target_index(argv) :])
     work = Path(options.keep).resolve() if options.keep else Path(tempfile.mkdtemp(prefix="looptrain-compare-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -386,7 +399,9 @@ def _compare(work: Path, max_steps, target, as_module, script_args) -> int:
         print(f"run {n + 1}/2: {side}.Trainer ...", flush=True)
         done = _run(side, work, max_steps, target, script_args, as_module)
         if done.returncode != 0:
-            print(f"the {side} run failed (exit status {done.returncode}); its last lines:\n{_tail(work / side / 'stderr.txt')}")
+            print(
+                f"the {side} run failed (exit status {done.returncode}); its last lines:\n{_tail(work / side / 'stderr.txt')}"
+            )
             return 2
         if side == SIDES[0]:
             run = json.loads((work / side / "record.json").read_text())

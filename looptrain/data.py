@@ -10,8 +10,8 @@ batches across processes.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
@@ -76,7 +76,10 @@ class DataMixin:
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         """A sequential DataLoader over `test_dataset` (used by `predict`)."""
         return self._get_dataloader(
-            dataset=test_dataset, description="test", batch_size=self.args.eval_batch_size, sampler_fn=self._get_eval_sampler
+            dataset=test_dataset,
+            description="test",
+            batch_size=self.args.eval_batch_size,
+            sampler_fn=self._get_eval_sampler,
         )
 
     def num_examples(self, dataloader) -> int:
@@ -89,7 +92,9 @@ class DataMixin:
         except (NameError, AttributeError, TypeError):
             return len(dataloader) * self.args.per_device_train_batch_size
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None) -> DataLoader:
+    def _get_dataloader(
+        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
+    ) -> DataLoader:
         """The DataLoader Trainer builds: unused columns removed first (so the sampler never sees them), then the
         sampler, then `accelerate.prepare`."""
         args = self.args
@@ -124,7 +129,9 @@ class DataMixin:
                     params["sampler"] = sampler
                 params["drop_last"] = args.dataloader_drop_last
             if is_training:  # each worker re-seeds itself, as in Trainer
-                params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
+                params["worker_init_fn"] = partial(
+                    seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+                )
         dataloader = self.accelerator.prepare(DataLoader(dataset, **params))
         if isinstance(sampler, BatchRebalanceSampler):
             # Trainer: the sampler already gives each rank its own batches; accelerate must not shard them again.
@@ -238,7 +245,11 @@ class DataMixin:
         )
 
     def _length_column(self, dataset):
-        if datasets is not None and isinstance(dataset, datasets.Dataset) and self.args.length_column_name in dataset.column_names:
+        if (
+            datasets is not None
+            and isinstance(dataset, datasets.Dataset)
+            and self.args.length_column_name in dataset.column_names
+        ):
             return dataset[self.args.length_column_name]
         return None
 

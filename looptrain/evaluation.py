@@ -45,7 +45,9 @@ logger = logging.get_logger(__name__)
 class EvaluationMixin:
     """`evaluate`, `predict`, `evaluation_loop` and `prediction_step`, as in `transformers.Trainer`."""
 
-    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """Evaluate, log the metrics (adding `epoch`), fire `on_evaluate`, return them.
 
         A dict of datasets is evaluated one by one with prefixes `eval_<name>_...`.
@@ -56,7 +58,9 @@ class EvaluationMixin:
             metrics = {}
             for name, dataset in eval_dataset.items():
                 metrics.update(
-                    self.evaluate(dataset if override else name, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
+                    self.evaluate(
+                        dataset if override else name, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}"
+                    )
                 )
             return metrics
 
@@ -77,12 +81,16 @@ class EvaluationMixin:
         self._memory_tracker.stop_and_update_metrics(output.metrics)
         return output.metrics
 
-    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> PredictionOutput:
+    def predict(
+        self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
         """Predictions (numpy), labels if the data has them, and `test_*` metrics. Nothing is logged."""
         self._memory_tracker.start()
         dataloader = self.get_test_dataloader(test_dataset)
         start_time = time.time()
-        output = self.evaluation_loop(dataloader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output = self.evaluation_loop(
+            dataloader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
         self._add_speed_metrics(output, metric_key_prefix, start_time)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         self._memory_tracker.stop_and_update_metrics(output.metrics)
@@ -151,7 +159,12 @@ class EvaluationMixin:
                 self.state.best_model_checkpoint = best_dir
 
     def evaluation_loop(
-        self, dataloader, description: str, prediction_loss_only: bool | None = None, ignore_keys=None, metric_key_prefix: str = "eval"
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys=None,
+        metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         """Run `prediction_step` over `dataloader`, gather across processes, compute the metrics."""
         args = self.args
@@ -202,7 +215,9 @@ class EvaluationMixin:
                 if batch_size is None:  # a batch sampler: the size is known only now
                     batch_size = observed_batch
             with explaining_errors(self.accelerator, model, inputs):  # looptrain: name out-of-range labels, long inputs
-                losses, logits, labels = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+                losses, logits, labels = self.prediction_step(
+                    model, inputs, prediction_loss_only, ignore_keys=ignore_keys
+                )
             main_input = getattr(self.model, "main_input_name", "input_ids")
             inputs_decode = self._prepare_input(inputs[main_input]) if "inputs" in args.include_for_metrics else None
             labels_seen = labels_seen or labels is not None
@@ -255,8 +270,11 @@ class EvaluationMixin:
         # Trainer returns metrics without a loss here; looptrain names the cause when the dataset is the user's. A
         # subclass evaluating through an empty loader of its own with no eval_dataset at all (sentence-transformers,
         # whose `evaluator` does the evaluation) gets Trainer's result.
-        if observed == 0 and has_length(eval_dataset) and len(eval_dataset) == 0 and (
-            description != "Evaluation" or self.eval_dataset is not None
+        if (
+            observed == 0
+            and has_length(eval_dataset)
+            and len(eval_dataset) == 0
+            and (description != "Evaluation" or self.eval_dataset is not None)
         ):
             raise ValueError(f"The {description.lower()} dataset is empty: there is nothing to evaluate.")
         all_losses, all_preds, all_labels, all_inputs = (c.get_arrays() for c in containers)
@@ -271,7 +289,12 @@ class EvaluationMixin:
         if num_samples == 0 and observed > 0:
             num_samples = observed
 
-        if self.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
+        if (
+            self.compute_metrics is not None
+            and all_preds is not None
+            and all_labels is not None
+            and not args.batch_eval_metrics
+        ):
             eval_kwargs = {
                 "losses": all_losses if "loss" in args.include_for_metrics else None,
                 "inputs": all_inputs if "inputs" in args.include_for_metrics else None,
@@ -279,7 +302,12 @@ class EvaluationMixin:
             metrics = self.compute_metrics(EvalPrediction(predictions=all_preds, label_ids=all_labels, **eval_kwargs))
         elif metrics is None:
             metrics = {}
-            if self.compute_metrics is not None and description == "Evaluation" and not prediction_loss_only and not labels_seen:
+            if (
+                self.compute_metrics is not None
+                and description == "Evaluation"
+                and not prediction_loss_only
+                and not labels_seen
+            ):
                 # Trainer calls compute_metrics only with labels, silently; looptrain says why it was not called.
                 logger.warning(
                     f"compute_metrics was not called: the evaluation batches have no labels {self.label_names}. Add a "
@@ -315,7 +343,11 @@ class EvaluationMixin:
         loss_without_labels = len(self.label_names) == 0 and return_loss
         inputs = self._prepare_inputs(inputs)
         if ignore_keys is None:
-            ignore_keys = getattr(self.model.config, "keys_to_ignore_at_inference", ["cache"]) if hasattr(self.model, "config") else []
+            ignore_keys = (
+                getattr(self.model.config, "keys_to_ignore_at_inference", ["cache"])
+                if hasattr(self.model, "config")
+                else []
+            )
         # the labels are read first: computing the loss may pop them (label smoothing)
         if has_labels or loss_without_labels:
             labels = nested_detach(tuple(inputs.get(name) for name in self.label_names))
@@ -331,14 +363,24 @@ class EvaluationMixin:
                 with self.compute_loss_context_manager(), cp_context():
                     if self.args.use_liger_kernel and prediction_loss_only:
                         inputs = {**inputs, "skip_logits": True}
-                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+                    loss, outputs = self.compute_loss(
+                        model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                    )
                 loss = loss.detach().mean()
-                logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"]) if isinstance(outputs, dict) else outputs[1:]
+                logits = (
+                    tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
+                    if isinstance(outputs, dict)
+                    else outputs[1:]
+                )
             else:
                 loss = None
                 with self.compute_loss_context_manager():
                     outputs = model(**inputs)
-                logits = tuple(v for k, v in outputs.items() if k not in ignore_keys) if isinstance(outputs, dict) else outputs
+                logits = (
+                    tuple(v for k, v in outputs.items() if k not in ignore_keys)
+                    if isinstance(outputs, dict)
+                    else outputs
+                )
 
         if prediction_loss_only:
             return loss, None, None

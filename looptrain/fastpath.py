@@ -159,7 +159,9 @@ def _steps_through_accelerate_only(optimizer) -> bool:
     step = optimizer.__dict__.get("step")
     if step is None:
         return True
-    return getattr(step, "_wrapped_by_lr_sched", False) and getattr(step, "__wrapped__", None) is AcceleratedOptimizer.step
+    return (
+        getattr(step, "_wrapped_by_lr_sched", False) and getattr(step, "__wrapped__", None) is AcceleratedOptimizer.step
+    )
 
 
 def optimizer_step(trainer) -> None:

@@ -96,7 +96,9 @@ class HubMixin:
         """Create (or reuse) the repository `hub_model_id` (default: the output folder's name); main process only."""
         if not self.is_world_process_zero():
             return
-        repo_name = self.args.hub_model_id if self.args.hub_model_id is not None else Path(self.args.output_dir).absolute().name
+        repo_name = (
+            self.args.hub_model_id if self.args.hub_model_id is not None else Path(self.args.output_dir).absolute().name
+        )
         token = token if token is not None else self.args.hub_token
         private = private if private is not None else self.args.hub_private_repo
         if self.args.push_to_hub:
@@ -108,8 +110,18 @@ class HubMixin:
         self.hub_model_id = repo_url.repo_id
         self.push_in_progress = None
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
         """Write `output_dir/README.md`: a model card from what the Trainer knows (transformers' `TrainingSummary`)."""
         from huggingface_hub import ModelCard
         from transformers.modelcard import TrainingSummary
@@ -127,21 +139,40 @@ class HubMixin:
                     if tag not in tags:
                         tags.append(tag)
         summary = TrainingSummary.from_trainer(
-            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
-            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            self,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
         )
         with open(path, "w", encoding="utf-8") as f:
             f.write(summary.to_model_card())
         if is_peft_library:
             self.accelerator.unwrap_model(self.model).create_or_update_model_card(self.args.output_dir)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None, **kwargs):
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
         """Save the model, write the model card, upload `output_dir` (not its checkpoints) to `hub_model_id`."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         if model_name is None and self.args.should_save:
-            model_name = Path(self.args.output_dir).name if self.args.hub_model_id is None else self.args.hub_model_id.split("/")[-1]
+            model_name = (
+                Path(self.args.output_dir).name
+                if self.args.hub_model_id is None
+                else self.args.hub_model_id.split("/")[-1]
+            )
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:  # push_to_hub() called with push_to_hub=False in the arguments
             self.init_hf_repo(token=token, private=private)
@@ -154,7 +185,9 @@ class HubMixin:
             kwargs["tags"] = tags + [tag for tag in self.model.model_tags if tag not in tags]
         self.create_model_card(model_name=model_name, **kwargs)
         self._finish_current_push()
-        with _explain_hub_errors(f"push_to_hub() (uploading to {self.hub_model_id})", "keep the model local (save_model())"):
+        with _explain_hub_errors(
+            f"push_to_hub() (uploading to {self.hub_model_id})", "keep the model local (save_model())"
+        ):
             return _hf_api().upload_folder(
                 repo_id=self.hub_model_id,
                 folder_path=self.args.output_dir,
@@ -194,16 +227,27 @@ class HubMixin:
             commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
         jobs = [
             _hf_api().upload_folder(
-                repo_id=self.hub_model_id, folder_path=output_dir, commit_message=commit_message, token=self.args.hub_token,
-                run_as_future=True, ignore_patterns=OUTPUT_DIR_IGNORE_PATTERNS, revision=self.args.hub_revision,
+                repo_id=self.hub_model_id,
+                folder_path=output_dir,
+                commit_message=commit_message,
+                token=self.args.hub_token,
+                run_as_future=True,
+                ignore_patterns=OUTPUT_DIR_IGNORE_PATTERNS,
+                revision=self.args.hub_revision,
             )
         ]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            path_in_repo = (
+                "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            )
             jobs.append(
                 _hf_api().upload_folder(
-                    repo_id=self.hub_model_id, folder_path=checkpoint_folder, path_in_repo=path_in_repo,
-                    commit_message=commit_message + ", checkpoint", token=self.args.hub_token, run_as_future=True,
+                    repo_id=self.hub_model_id,
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=commit_message + ", checkpoint",
+                    token=self.args.hub_token,
+                    run_as_future=True,
                     revision=self.args.hub_revision,
                 )
             )

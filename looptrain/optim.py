@@ -20,8 +20,8 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from torch import nn
 from packaging import version
+from torch import nn
 from transformers.optimization import GreedyLR, get_scheduler
 from transformers.trainer_optimizer import (
     _APOLLO_OPTIMIZERS,
@@ -208,7 +208,11 @@ class OptimizerMixin:
                 try:
                     self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
                 except (TypeError, NotImplementedError) as err:
-                    if self.optimizer_cls_and_kwargs is None and self.args.optim_args and self.args.optim in _BNB_RMSPROP:
+                    if (
+                        self.optimizer_cls_and_kwargs is None
+                        and self.args.optim_args
+                        and self.args.optim in _BNB_RMSPROP
+                    ):
                         # Trainer: the handler hands optim_args to bitsandbytes' RMSprop as the strings given.
                         raise type(err)(_bnb_rmsprop_message(self.args, err)) from err
                     raise
@@ -263,7 +267,9 @@ class OptimizerMixin:
         if unread:
             logger.warning(f"optim_args {unread} have no effect: optim={name!r} does not read them.")
         if args.optim_target_modules is not None and args.optim not in (*_GALORE_OPTIMIZERS, *_APOLLO_OPTIMIZERS):
-            logger.warning(f"optim_target_modules has no effect: only GaLore and APOLLO optimizers use it, not {name!r}.")
+            logger.warning(
+                f"optim_target_modules has no effect: only GaLore and APOLLO optimizers use it, not {name!r}."
+            )
         return optimizer_cls, optimizer_kwargs
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

@@ -21,8 +21,16 @@ logger = logging.get_logger(__name__)
 class HyperparameterSearchMixin:
     """`hyperparameter_search` and the three hooks it relies on, as in `transformers.Trainer`."""
 
-    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
-                              backend=None, hp_name=None, **kwargs):
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials: int = 20,
+        direction="minimize",
+        backend=None,
+        hp_name=None,
+        **kwargs,
+    ):
         """Run `n_trials` trainings with hyperparameters from `hp_space`; return the best run (`BestRun`).
 
         Needs `model_init` (each trial builds a new model). `backend`: "optuna", "ray" or "wandb" (default: the
@@ -34,7 +42,9 @@ class HyperparameterSearchMixin:
         backend_obj.ensure_available()  # a clear "pip install optuna" when the package is missing
         self.hp_search_backend = backend
         if self.model_init is None:
-            raise RuntimeError("hyperparameter_search builds a new model for every trial: pass Trainer(model_init=...).")
+            raise RuntimeError(
+                "hyperparameter_search builds a new model for every trial: pass Trainer(model_init=...)."
+            )
         self.hp_space = backend_obj.default_hp_space if hp_space is None else hp_space
         self.hp_name = hp_name
         self.compute_objective = default_compute_objective if compute_objective is None else compute_objective
@@ -56,7 +66,9 @@ class HyperparameterSearchMixin:
             params = trial
         for key, value in params.items():
             if not hasattr(self.args, key):
-                logger.warning(f"The hyperparameter search sets {key}, which is not a TrainingArguments field; it is ignored.")
+                logger.warning(
+                    f"The hyperparameter search sets {key}, which is not a TrainingArguments field; it is ignored."
+                )
                 continue
             old = getattr(self.args, key, None)
             setattr(self.args, key, type(old)(value) if old is not None else value)  # Trainer: cast to the field's type

@@ -21,9 +21,10 @@ evaluation loss that every `Seq2SeqTrainer` evaluation has (see `_use_plain_gath
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,8 +134,9 @@ class Seq2SeqTrainer(Trainer):
         return gen_config
 
     # ======================================================================================= entry points
-    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
-                 **gen_kwargs) -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval", **gen_kwargs
+    ) -> dict[str, float]:
         """`Trainer.evaluate`, generating with `gen_kwargs` (e.g. `max_length=`, `num_beams=`) when
         `predict_with_generate` is set; the arguments' `generation_max_length`/`generation_num_beams` fill in."""
         datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -143,15 +145,22 @@ class Seq2SeqTrainer(Trainer):
             # of this call, so they were silently dropped; here every dataset is generated with them.
             metrics = {}
             for name, dataset in datasets.items():
-                metrics.update(self.evaluate(dataset if eval_dataset is not None else name, ignore_keys,
-                                             f"{metric_key_prefix}_{name}", **gen_kwargs))
+                metrics.update(
+                    self.evaluate(
+                        dataset if eval_dataset is not None else name,
+                        ignore_keys,
+                        f"{metric_key_prefix}_{name}",
+                        **gen_kwargs,
+                    )
+                )
             return metrics
         self._gen_kwargs = self._generation_kwargs(gen_kwargs)
         self._use_plain_gather()
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
-    def predict(self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test",
-                **gen_kwargs) -> PredictionOutput:
+    def predict(
+        self, test_dataset, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test", **gen_kwargs
+    ) -> PredictionOutput:
         """`Trainer.predict`; with `predict_with_generate` the predictions are generated token ids (padded with
         the tokenizer's pad id), generated with `gen_kwargs` as in `evaluate`."""
         self._gen_kwargs = self._generation_kwargs(gen_kwargs)
@@ -162,15 +171,20 @@ class Seq2SeqTrainer(Trainer):
         """The call's generation keywords, with the arguments' `generation_max_length` and `generation_num_beams`
         where the call does not set them (Trainer: `max_new_tokens=` also stands for a length)."""
         gen_kwargs = dict(gen_kwargs)
-        if (gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None
-                and self.args.generation_max_length is not None):
+        if (
+            gen_kwargs.get("max_length") is None
+            and gen_kwargs.get("max_new_tokens") is None
+            and self.args.generation_max_length is not None
+        ):
             gen_kwargs["max_length"] = self.args.generation_max_length
         if gen_kwargs.get("num_beams") is None and self.args.generation_num_beams is not None:
             gen_kwargs["num_beams"] = self.args.generation_num_beams
         beams = gen_kwargs.get("num_beams")
         if self.args.predict_with_generate and beams is not None and beams < 1:
             # looptrain: generate() would fail with a ZeroDivisionError or a negative tensor size.
-            raise ValueError(f"num_beams={beams} (generation_num_beams, or num_beams= of this call) must be at least 1.")
+            raise ValueError(
+                f"num_beams={beams} (generation_num_beams, or num_beams= of this call) must be at least 1."
+            )
         return gen_kwargs
 
     def _use_plain_gather(self) -> None:
@@ -181,12 +195,20 @@ class Seq2SeqTrainer(Trainer):
         self.gather_function = self.accelerator.gather
 
     # ====================================================================================== one batch
-    def prediction_step(self, model, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None, **gen_kwargs):
+    def prediction_step(
+        self,
+        model,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+        **gen_kwargs,
+    ):
         """With `predict_with_generate` (and predictions wanted): (loss, generated token ids, labels), both id
         tensors padded to the generation config's `max_length`. Otherwise `Trainer.prediction_step`."""
         if not self.args.predict_with_generate or prediction_loss_only:
-            return super().prediction_step(model, inputs, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys)
+            return super().prediction_step(
+                model, inputs, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys
+            )
 
         # Trainer: the key `labels`, whatever `label_names` says. looptrain: a batch whose labels are None (what
         # DataCollatorForSeq2Seq makes of data without labels) has none; Trainer fails in the forward pass.
@@ -203,9 +225,14 @@ class Seq2SeqTrainer(Trainer):
         # DataCollatorForSeq2Seq(model=...) builds `decoder_input_ids` from the labels (shifted right). Given to
         # generate(), the model would continue after them instead of generating; they are left out.
         generation_inputs = inputs.copy()
-        if ("labels" in generation_inputs and "decoder_input_ids" in generation_inputs
-                and generation_inputs["labels"].shape == generation_inputs["decoder_input_ids"].shape):
-            generation_inputs = {k: v for k, v in inputs.items() if k not in ("decoder_input_ids", "decoder_attention_mask")}
+        if (
+            "labels" in generation_inputs
+            and "decoder_input_ids" in generation_inputs
+            and generation_inputs["labels"].shape == generation_inputs["decoder_input_ids"].shape
+        ):
+            generation_inputs = {
+                k: v for k, v in inputs.items() if k not in ("decoder_input_ids", "decoder_attention_mask")
+            }
         # FSDP (v1) shards the weights: generate() needs them whole.
         full_params = contextlib.nullcontext()
         if torch.distributed.is_available():

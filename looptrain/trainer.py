@@ -39,8 +39,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -90,8 +91,8 @@ from transformers.trainer_utils import (
 from transformers.utils import logging
 
 from . import checkpoint as ckpt
-from .backends import BackendMixin
 from . import checks, fastpath, validation
+from .backends import BackendMixin
 from .checkpoint import CheckpointMixin, EpochStart, LoopState
 from .data import DataMixin, default_collator
 from .evaluation import EvaluationMixin
@@ -125,7 +126,9 @@ class TrainingPlan:
         )
 
 
-class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMixin, HyperparameterSearchMixin):
+class Trainer(
+    BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, CheckpointMixin, HubMixin, HyperparameterSearchMixin
+):
     """A training loop with `transformers.Trainer`'s constructor, methods, hooks and results.
 
     Subclasses written for `transformers.Trainer` work unchanged: every method Trainer calls keeps its name,
@@ -243,7 +246,12 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         self._memory_tracker.stop_and_update_metrics()
 
     # ================================================================================================= train
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial=None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
         """Train the model; return `TrainOutput(global_step, training_loss, metrics)` as Trainer does.
 
         `resume_from_checkpoint`: a checkpoint folder, or True for the newest one in `output_dir`.
@@ -267,35 +275,49 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         if args.activation_checkpointing:
             self._enable_activation_checkpointing()
         # Trainer: new special tokens of the tokenizer (a chat's end-of-turn, say) are written to the model config.
-        if isinstance(self.processing_class, (PreTrainedTokenizerBase, ProcessorMixin)) and hasattr(self.model, "config"):
+        if isinstance(self.processing_class, (PreTrainedTokenizerBase, ProcessorMixin)) and hasattr(
+            self.model, "config"
+        ):
             align_special_tokens(self.model, self.processing_class)
         if self.neftune_noise_alpha is not None:  # NEFTune: noise on the input embeddings while training
             self.neftune_hook_handle = activate_neftune(self.model, self.neftune_noise_alpha, self.accelerator)
         self._hp_search_setup(trial)  # may change the arguments (and the seed), so it comes first
         if DebugOption.UNDERFLOW_OVERFLOW in args.debug:
             if args.n_gpu > 1:
-                raise ValueError("debug='underflow_overflow' does not work under DataParallel; launch one process per GPU.")
+                raise ValueError(
+                    "debug='underflow_overflow' does not work under DataParallel; launch one process per GPU."
+                )
             DebugUnderflowOverflow(self.model)
 
         # looptrain: every file of the checkpoint is read and checked before anything is changed.
         self._resume = self._resolve_checkpoint(resume_from_checkpoint)
 
         # looptrain: labels outside the model's classes, sequences longer than its positions, said before any step.
-        eval_sets = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
+        eval_sets = (
+            self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [("evaluation", self.eval_dataset)]
+        )
         for description, dataset in [("training", self.train_dataset), *eval_sets]:
             checks.check_dataset_fits_model(self.model, dataset, self.data_collator, self.label_names, description)
-        validation.check_before_training(self)  # looptrain: something to train, a rate that moves it; old staging folders
+        validation.check_before_training(
+            self
+        )  # looptrain: something to train, a rate that moves it; old staging folders
 
         # Trainer: under auto_find_batch_size an out-of-memory error restarts the loop with 90% of the batch size.
         inner_training_loop = find_executable_batch_size(
             self._inner_training_loop, self._train_batch_size, args.auto_find_batch_size
         )
-        quiet = suppress_progress_bars() if args.push_to_hub else contextlib.nullcontext()  # Trainer: uploads print bars
+        quiet = (
+            suppress_progress_bars() if args.push_to_hub else contextlib.nullcontext()
+        )  # Trainer: uploads print bars
         with quiet, self._preemption.while_training(self.accelerator):
             checkpoint = self._resume.path if self._resume is not None else None
-            return inner_training_loop(args=args, resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+            return inner_training_loop(
+                args=args, resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+            )
 
-    def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None) -> TrainOutput:
+    def _inner_training_loop(
+        self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
+    ) -> TrainOutput:
         """The loop: plan, state, prepare, the epochs, the summary."""
         self.accelerator.free_memory()  # Trainer: forget what an earlier train()/evaluate() prepared
         if args.auto_find_batch_size:
@@ -331,10 +353,16 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         for epoch in range(epochs_trained, plan.num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             self._run_epoch(
-                model=model, epoch=epoch, train_dataloader=train_dataloader, steps_in_epoch=plan.micro_batches_per_epoch,
-                num_update_steps_per_epoch=plan.optimizer_steps_per_epoch, trial=trial,
-                ignore_keys_for_eval=ignore_keys_for_eval, start_time=start_time,
-                resume_from_checkpoint=resume_from_checkpoint, epochs_trained=epochs_trained,
+                model=model,
+                epoch=epoch,
+                train_dataloader=train_dataloader,
+                steps_in_epoch=plan.micro_batches_per_epoch,
+                num_update_steps_per_epoch=plan.optimizer_steps_per_epoch,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                start_time=start_time,
+                resume_from_checkpoint=resume_from_checkpoint,
+                epochs_trained=epochs_trained,
                 steps_trained_in_current_epoch=micro_batches_to_skip,
             )
             if self.control.should_training_stop or self._preemption.stopped:
@@ -376,11 +404,30 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         else:
             raise ValueError("The training dataloader has no length: set TrainingArguments(max_steps=...).")
         steps_in_epoch = len_dataloader if len_dataloader is not None else max_steps * args.gradient_accumulation_steps
-        return num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size, steps_in_epoch, max_steps
+        return (
+            num_train_epochs,
+            num_update_steps_per_epoch,
+            num_examples,
+            num_train_samples,
+            total_train_batch_size,
+            steps_in_epoch,
+            max_steps,
+        )
 
-
-    def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, trial,
-                   ignore_keys_for_eval, start_time, resume_from_checkpoint, epochs_trained, steps_trained_in_current_epoch):
+    def _run_epoch(
+        self,
+        model,
+        epoch,
+        train_dataloader,
+        steps_in_epoch,
+        num_update_steps_per_epoch,
+        trial,
+        ignore_keys_for_eval,
+        start_time,
+        resume_from_checkpoint,
+        epochs_trained,
+        steps_trained_in_current_epoch,
+    ):
         """One pass over the data: windows of `gradient_accumulation_steps` micro-batches, one optimizer step each,
         then the epoch's end. (Trainer's names: `steps_in_epoch` counts micro-batches, `num_update_steps_per_epoch`
         and `global_step` optimizer steps.)"""
@@ -428,7 +475,14 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
                 if do_sync_step:  # the window is complete
                     grad_norm, lr = self._optimizer_step(model, epoch + (step + 1) / steps_in_epoch, trial)
                     self._maybe_log_save_evaluate(
-                        self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=lr
+                        self._tr_loss,
+                        grad_norm,
+                        model,
+                        trial,
+                        epoch,
+                        ignore_keys_for_eval,
+                        start_time,
+                        learning_rate=lr,
                     )
                     if self._preemption.stop_after_save():  # after the save, so the checkpoint does not say "stopped"
                         return
@@ -485,7 +539,9 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         # Trainer: a new iterator every epoch; creating it takes one draw from the global RNG.
         return iter(train_dataloader)
 
-    def _end_epoch(self, model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate, yielded_nothing):
+    def _end_epoch(
+        self, model, trial, epoch, ignore_keys_for_eval, start_time, grad_norm, learning_rate, yielded_nothing
+    ):
         """The epoch's end. Trainer: it also runs when max_steps or a callback stopped the epoch early; its log
         repeats the last optimizer step's norm and learning rate."""
         if yielded_nothing:
@@ -499,7 +555,14 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         self._loop.at_epoch_end = True  # a checkpoint saved now leaves nothing of this epoch to a later run
         try:
             self._maybe_log_save_evaluate(
-                self._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=learning_rate
+                self._tr_loss,
+                grad_norm,
+                model,
+                trial,
+                epoch,
+                ignore_keys_for_eval,
+                start_time,
+                learning_rate=learning_rate,
             )
         finally:
             self._loop.at_epoch_end = False
@@ -509,14 +572,19 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         """Forward and backward of one micro-batch; returns the loss that is added to the logged sum."""
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
-            fastpath.train_mode(self, model)  # model.train(). Trainer: before every micro-batch (an evaluation may switch)
+            fastpath.train_mode(
+                self, model
+            )  # model.train(). Trainer: before every micro-batch (an evaluation may switch)
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()  # schedule-free optimizers keep two sets of weights
             inputs = self._prepare_inputs(inputs)
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             del inputs
-            if self.args.torch_empty_cache_steps is not None and self.state.global_step % self.args.torch_empty_cache_steps == 0:
+            if (
+                self.args.torch_empty_cache_steps is not None
+                and self.state.global_step % self.args.torch_empty_cache_steps == 0
+            ):
                 clear_device_cache()  # Trainer: return cached device memory every N steps
                 if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
                     torch.mps.clear_graph_cache()
@@ -538,7 +606,9 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
             fastpath.backward(self, loss, **self._backward_kwargs())  # self.accelerator.backward(loss, ...)
             return loss.detach()
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
+    ):
         """The model's own loss, or `compute_loss_func`'s, or the label smoother's."""
         if self._backend.sequence_parallel_loss and self.model.training:
             return self._sequence_parallel_loss(model, inputs, return_outputs)
@@ -593,7 +663,9 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
         return contextlib.nullcontext()
 
     # ========================================================================================== after a step
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None):
+    def _maybe_log_save_evaluate(
+        self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None
+    ):
         """Trainer's order: log, then evaluate (and track the best metric), then save."""
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
             # Trainer: the loss logged is the float32 sum since the last log (mean over processes), divided by
@@ -697,7 +769,11 @@ class Trainer(BackendMixin, DataMixin, OptimizerMixin, EvaluationMixin, Checkpoi
             return None
         try:
             labels = [
-                b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"]
+                b["shift_labels"]
+                if "shift_labels" in b
+                else b["labels"][..., 1:]
+                if self._loss_shifts_labels
+                else b["labels"]
                 for b in batch_samples
             ]
             num_items = sum(label.ne(-100).sum() for label in labels)
@@ -839,6 +915,7 @@ NOT_CALLED_BY_THE_LOOP = {"create_optimizer_and_scheduler": "create_optimizer an
 
 def _check_overrides(cls) -> None:
     """Refuse overrides of methods looptrain never calls (`NOT_CALLED`); warn about those the loop never calls."""
+
     def overrides(name):
         return any(name in vars(c) for c in cls.__mro__ if c is not Trainer and issubclass(c, Trainer))
 
@@ -857,5 +934,3 @@ def _check_overrides(cls) -> None:
             f"{cls.__name__} overrides transformers.Trainer methods that looptrain.Trainer never calls, so the override "
             f"would have no effect: {reasons}. Move the code to a method looptrain calls (see docs/subclassing.md)."
         )
-
-

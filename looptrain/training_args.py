@@ -128,7 +128,9 @@ def check_values(args) -> None:
     if args.max_steps == 0:  # transformers.Trainer would run one step
         raise ValueError("max_steps=0 trains nothing: set max_steps > 0, or -1 to train for num_train_epochs.")
     if args.max_steps < 0 and args.num_train_epochs <= 0:
-        raise ValueError(f"num_train_epochs={args.num_train_epochs} trains nothing: set num_train_epochs > 0 or max_steps > 0.")
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs} trains nothing: set num_train_epochs > 0 or max_steps > 0."
+        )
     if args.save_total_limit is not None and args.save_total_limit < 1:  # transformers reads it as "no limit"
         raise ValueError(
             f"save_total_limit={args.save_total_limit} would keep no checkpoint (transformers then keeps all of them). "

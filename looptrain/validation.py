@@ -25,19 +25,41 @@ logger = logging.get_logger(__name__)
 # ------------------------------------------------------------------------------------------ arguments
 _VERB = {"logging_steps": "log", "save_steps": "save", "eval_steps": "evaluate"}
 
+
 def check_argument_values(args) -> None:
     """Values transformers.TrainingArguments accepts that cannot mean anything; torch or numpy would fail on them
     later, deep inside the optimizer or the seeding, with a message that does not name the argument."""
-    for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-                 "label_smoothing_factor", "num_train_epochs", "warmup_steps"):
+    for name in (
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "label_smoothing_factor",
+        "num_train_epochs",
+        "warmup_steps",
+    ):
         value = getattr(args, name, None)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{name}={value} is not a finite number; give a real value (see its default, "
-                             f"TrainingArguments.{name}).")
-    for name, strategy in (("logging_steps", "logging_strategy"), ("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+            raise ValueError(
+                f"{name}={value} is not a finite number; give a real value (see its default, TrainingArguments.{name})."
+            )
+    for name, strategy in (
+        ("logging_steps", "logging_strategy"),
+        ("save_steps", "save_strategy"),
+        ("eval_steps", "eval_strategy"),
+    ):
         value = getattr(args, name)
-        if str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps" and value is not None and value < 0 or (
-            name == "save_steps" and value == 0 and str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
+        if (
+            str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps"
+            and value is not None
+            and value < 0
+            or (
+                name == "save_steps"
+                and value == 0
+                and str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
+            )
         ):
             raise ValueError(
                 f"{name}={value} with {strategy}='steps' would never {_VERB[name]} (transformers.Trainer then "
@@ -51,19 +73,25 @@ def check_argument_values(args) -> None:
     for name in ("seed", "data_seed"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 2**32:
-            raise ValueError(f"{name}={value} is outside 0..2**32-1, the seeds numpy accepts; pick a seed in that range.")
+            raise ValueError(
+                f"{name}={value} is outside 0..2**32-1, the seeds numpy accepts; pick a seed in that range."
+            )
     if not 0 <= args.label_smoothing_factor < 1:
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} is outside [0, 1): the smoothed target would give the "
             "true class no weight or a negative one. Use a small value such as 0.1, or 0 to turn it off."
         )
     if args.dataloader_num_workers < 0:
-        raise ValueError(f"dataloader_num_workers={args.dataloader_num_workers} is negative; use 0 (load in the main process) or more.")
+        raise ValueError(
+            f"dataloader_num_workers={args.dataloader_num_workers} is negative; use 0 (load in the main process) or more."
+        )
     optim = str(getattr(args.optim, "value", args.optim))
     if "adam" in optim or "lion" in optim:  # the optimizers that read the betas and epsilon
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(args, name) < 1:
-                raise ValueError(f"{name}={getattr(args, name)} is outside [0, 1), where {optim} needs it (e.g. 0.9 and 0.999).")
+                raise ValueError(
+                    f"{name}={getattr(args, name)} is outside [0, 1), where {optim} needs it (e.g. 0.9 and 0.999)."
+                )
         if args.adam_epsilon < 0:
             raise ValueError(f"adam_epsilon={args.adam_epsilon} is negative; use a small positive value such as 1e-8.")
 
@@ -85,7 +113,9 @@ def check_output_dir(args) -> None:
     if not os.path.isdir(parent):
         raise ValueError(f"output_dir={args.output_dir!r} cannot be created: {parent} is a file, not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output_dir={args.output_dir!r} cannot be written: no write permission on {parent}. Choose another output_dir.")
+        raise PermissionError(
+            f"output_dir={args.output_dir!r} cannot be written: no write permission on {parent}. Choose another output_dir."
+        )
 
 
 _STAGING = re.compile(r"^\.tmp-(delete-)?checkpoint-\d+$")
@@ -114,8 +144,10 @@ def check_callbacks(callbacks) -> None:
     if callbacks is None:
         return
     if isinstance(callbacks, (TrainerCallback, type)) or not isinstance(callbacks, (list, tuple)):
-        raise TypeError(f"callbacks must be a list of TrainerCallback instances or classes, got {type(callbacks).__name__} "
-                        f"{callbacks!r}: pass callbacks=[{getattr(callbacks, '__name__', type(callbacks).__name__)}...].")
+        raise TypeError(
+            f"callbacks must be a list of TrainerCallback instances or classes, got {type(callbacks).__name__} "
+            f"{callbacks!r}: pass callbacks=[{getattr(callbacks, '__name__', type(callbacks).__name__)}...]."
+        )
     for callback in callbacks:
         cls = callback if isinstance(callback, type) else type(callback)
         if issubclass(cls, TrainerCallback):
@@ -133,10 +165,16 @@ def check_callbacks(callbacks) -> None:
 def check_optimizers(model, optimizer, lr_scheduler) -> None:
     """An optimizer passed with optimizers= must update this model's parameters; a scheduler must drive that
     optimizer (one built for another optimizer would change nothing, and the run would train at a constant rate)."""
-    if optimizer is not None and not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))):
-        raise TypeError(f"optimizers=({type(optimizer).__name__}, ...): the first item must be a torch.optim.Optimizer, or None.")
+    if optimizer is not None and not (
+        hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))
+    ):
+        raise TypeError(
+            f"optimizers=({type(optimizer).__name__}, ...): the first item must be a torch.optim.Optimizer, or None."
+        )
     if lr_scheduler is not None and not callable(getattr(lr_scheduler, "step", None)):
-        raise TypeError(f"optimizers=(..., {type(lr_scheduler).__name__}): the second item must be a learning-rate scheduler, or None.")
+        raise TypeError(
+            f"optimizers=(..., {type(lr_scheduler).__name__}): the second item must be a learning-rate scheduler, or None."
+        )
     scheduled = getattr(lr_scheduler, "optimizer", None)
     if lr_scheduler is not None and scheduled is not None:
         if optimizer is None:
@@ -187,7 +225,12 @@ def check_before_training(trainer) -> None:
     if any(getattr(m, "running_mean", None) is not None for m in model.modules()):
         return  # batch-norm statistics change in the forward pass even at learning rate 0
     optim = str(getattr(args.optim, "value", args.optim))
-    if trainer.optimizer is None and trainer.optimizer_cls_and_kwargs is None and args.learning_rate == 0 and optim in _LR_SCALED:
+    if (
+        trainer.optimizer is None
+        and trainer.optimizer_cls_and_kwargs is None
+        and args.learning_rate == 0
+        and optim in _LR_SCALED
+    ):
         if _default(trainer, "create_optimizer"):
             raise ValueError(
                 f"learning_rate=0 with optim={optim!r}: every optimizer step would leave the weights unchanged "
@@ -195,7 +238,13 @@ def check_before_training(trainer) -> None:
                 "e.g. 5e-5; to only evaluate, call trainer.evaluate() without train()."
             )
     optimizer = trainer.optimizer
-    if optimizer is not None and type(optimizer) in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
+    if optimizer is not None and type(optimizer) in (
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.RMSprop,
+        torch.optim.Adagrad,
+    ):
         scheduler = trainer.lr_scheduler
         lambda_like = scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
         base = getattr(scheduler, "base_lrs", None) or [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
@@ -244,12 +293,22 @@ def check_datasets(trainer) -> None:
         return
     args, collator = trainer.args, trainer.data_collator
     passes_through = collator is transformers.default_data_collator or isinstance(
-        collator, (transformers.DataCollatorWithPadding, transformers.DataCollatorForTokenClassification, transformers.DefaultDataCollator))
+        collator,
+        (
+            transformers.DataCollatorWithPadding,
+            transformers.DataCollatorForTokenClassification,
+            transformers.DefaultDataCollator,
+        ),
+    )
     if not passes_through:
         return  # a custom collator may make anything of the columns: failures are explained at the first batch
     sets = [("training", trainer.train_dataset, args.per_device_train_batch_size)]
     if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no" or args.eval_on_start:
-        evals = trainer.eval_dataset.items() if isinstance(trainer.eval_dataset, dict) else [("evaluation", trainer.eval_dataset)]
+        evals = (
+            trainer.eval_dataset.items()
+            if isinstance(trainer.eval_dataset, dict)
+            else [("evaluation", trainer.eval_dataset)]
+        )
         sets += [(description, dataset, args.per_device_eval_batch_size) for description, dataset in evals]
     for description, dataset, batch_size in sets:
         if isinstance(dataset, datasets.Dataset) and len(dataset):
@@ -268,11 +327,20 @@ def check_columns(model, dataset, collator, label_names, description: str, batch
     import inspect
 
     takes = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", *label_names}
-    if own_model and features and main_input not in features and "inputs_embeds" not in features and takes & set(features):
+    if (
+        own_model
+        and features
+        and main_input not in features
+        and "inputs_embeds" not in features
+        and takes & set(features)
+    ):
         # (no column the model takes at all: `remove_unused_columns` leaves nothing, and data.py says so)
         text = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        hint = (f"tokenize it first: dataset.map(lambda e: tokenizer(e[{text[0]!r}], truncation=True), batched=True)"
-                if text else f"give it a {main_input!r} column")
+        hint = (
+            f"tokenize it first: dataset.map(lambda e: tokenizer(e[{text[0]!r}], truncation=True), batched=True)"
+            if text
+            else f"give it a {main_input!r} column"
+        )
         raise ValueError(
             f"The {description} dataset has no {main_input!r} column (it has {', '.join(features)}), which "
             f"{type(model).__name__} needs as its input: {hint}."
@@ -315,7 +383,13 @@ def check_label_types(model, dataset, label_names, description: str) -> None:
         num_labels = getattr(config, "num_labels", None) or 0
         problem_type = getattr(config, "problem_type", None)
         own_loss = type(model).__module__.startswith("transformers.") and name.endswith("ForSequenceClassification")
-        if own_loss and num_labels > 1 and dtype is not None and dtype.startswith("float") and problem_type != "regression":
+        if (
+            own_loss
+            and num_labels > 1
+            and dtype is not None
+            and dtype.startswith("float")
+            and problem_type != "regression"
+        ):
             raise ValueError(
                 f"The {description} dataset's {column!r} column holds one float per example ({dtype}), and {name} has "
                 f"num_labels={num_labels}: its loss needs a class number per example (single-label), or {num_labels} "
@@ -329,8 +403,10 @@ def check_constructor_inputs(trainer, callbacks) -> None:
     """`Trainer(...)`'s own inputs, before the callbacks are instantiated and the output folder is created."""
     check_callbacks(callbacks)
     if not callable(trainer.data_collator):
-        raise TypeError(f"data_collator={trainer.data_collator!r} is not callable: pass a function or an object with "
-                        "__call__ (e.g. DataCollatorWithPadding(tokenizer)), or None for Trainer's default.")
+        raise TypeError(
+            f"data_collator={trainer.data_collator!r} is not callable: pass a function or an object with "
+            "__call__ (e.g. DataCollatorWithPadding(tokenizer)), or None for Trainer's default."
+        )
     if not trainer.is_deepspeed_enabled:  # DeepSpeed's engine may wrap the optimizer and scheduler it is given
         check_optimizers(trainer.model, trainer.optimizer, trainer.lr_scheduler)
     check_output_dir(trainer.args)
@@ -348,7 +424,9 @@ def launcher_asked_processes() -> int | None:
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return None
-    if "launch" not in argv or not any(os.path.basename(a).startswith("accelerate") or a.startswith("accelerate.") for a in argv):
+    if "launch" not in argv or not any(
+        os.path.basename(a).startswith("accelerate") or a.startswith("accelerate.") for a in argv
+    ):
         return None
     value = _flag(argv, "num_processes")
     if value is None and _flag(argv, "config_file") is not None:

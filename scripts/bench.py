@@ -79,14 +79,36 @@ LABELS = {
 
 # Workload sizes: the full run, and --quick.
 FULL = dict(
-    overhead_steps=500, real_train=None, real_eval=None, startup_examples=64,
-    evalmem_sequences=2000, evalmem_seq_len=8, evalmem_batch=64, evalmem_vocab=50257,
-    gpu_steps=100, gpu_batch=32, gpu_seq_len=128, gpu_lm_steps=50, gpu_lm_batch=8, gpu_lm_seq_len=512,
+    overhead_steps=500,
+    real_train=None,
+    real_eval=None,
+    startup_examples=64,
+    evalmem_sequences=2000,
+    evalmem_seq_len=8,
+    evalmem_batch=64,
+    evalmem_vocab=50257,
+    gpu_steps=100,
+    gpu_batch=32,
+    gpu_seq_len=128,
+    gpu_lm_steps=50,
+    gpu_lm_batch=8,
+    gpu_lm_seq_len=512,
 )
 QUICK = dict(
-    overhead_steps=12, real_train=48, real_eval=24, startup_examples=16,
-    evalmem_sequences=64, evalmem_seq_len=8, evalmem_batch=16, evalmem_vocab=50257,
-    gpu_steps=6, gpu_batch=4, gpu_seq_len=16, gpu_lm_steps=6, gpu_lm_batch=2, gpu_lm_seq_len=32,
+    overhead_steps=12,
+    real_train=48,
+    real_eval=24,
+    startup_examples=16,
+    evalmem_sequences=64,
+    evalmem_seq_len=8,
+    evalmem_batch=16,
+    evalmem_vocab=50257,
+    gpu_steps=6,
+    gpu_batch=4,
+    gpu_seq_len=16,
+    gpu_lm_steps=6,
+    gpu_lm_batch=2,
+    gpu_lm_seq_len=32,
 )
 
 
@@ -98,8 +120,13 @@ def tiny_bert(seed: int = 0):
 
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
     )
     return transformers.BertForSequenceClassification(config)
 
@@ -156,8 +183,10 @@ def steady_ms_per_step(times: list[tuple[float, float]], warmup: int) -> dict:
     """Mean CPU and wall time between optimizer steps after `warmup` steps (setup and first step excluded)."""
     warmup = min(warmup, len(times) - 2)
     n = len(times) - 1 - warmup
-    return {"ms_per_step": (times[-1][0] - times[warmup][0]) / n * 1000,
-            "wall_ms_per_step": (times[-1][1] - times[warmup][1]) / n * 1000}
+    return {
+        "ms_per_step": (times[-1][0] - times[warmup][0]) / n * 1000,
+        "wall_ms_per_step": (times[-1][1] - times[warmup][1]) / n * 1000,
+    }
 
 
 def params_sha1(model) -> str:
@@ -181,8 +210,18 @@ def quiet():
     return stack
 
 
-def bare_loop(model, dataset, batch_size, lr, max_grad_norm, num_steps, on_step, device="cpu", autocast_dtype=None,
-              logging_steps=500):
+def bare_loop(
+    model,
+    dataset,
+    batch_size,
+    lr,
+    max_grad_norm,
+    num_steps,
+    on_step,
+    device="cpu",
+    autocast_dtype=None,
+    logging_steps=500,
+):
     """The floor: the work a training step cannot avoid, written as directly as torch allows."""
     import contextlib
 
@@ -197,9 +236,17 @@ def bare_loop(model, dataset, batch_size, lr, max_grad_norm, num_steps, on_step,
         [{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, num_steps)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=default_data_collator,
-                        generator=torch.Generator().manual_seed(42), pin_memory=device != "cpu")
-    autocast = (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=default_data_collator,
+        generator=torch.Generator().manual_seed(42),
+        pin_memory=device != "cpu",
+    )
+    autocast = (
+        (lambda: torch.autocast(device_type=device, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    )
     model.train()
     model.zero_grad()
     tr_loss = torch.zeros((), device=device)
@@ -265,11 +312,13 @@ def read_mrpc(path: str, limit: int | None):
     if limit is not None:
         rows = rows[:limit]
     col = {name: header.index(name) for name in ("Quality", "#1 String", "#2 String")}
-    return Dataset.from_dict({
-        "sentence1": [r[col["#1 String"]] for r in rows],
-        "sentence2": [r[col["#2 String"]] for r in rows],
-        "label": [int(r[col["Quality"]]) for r in rows],
-    })
+    return Dataset.from_dict(
+        {
+            "sentence1": [r[col["#1 String"]] for r in rows],
+            "sentence2": [r[col["#2 String"]] for r in rows],
+            "label": [int(r[col["Quality"]]) for r in rows],
+        }
+    )
 
 
 def minilm_path() -> str:
@@ -313,18 +362,37 @@ def worker_real(contender: str, cfg: dict) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     trainer_cls, args_cls = library(contender)
     with tempfile.TemporaryDirectory() as out:
-        args = args_cls(output_dir=out, use_cpu=True, report_to="none", save_strategy="no", num_train_epochs=1,
-                        eval_strategy="epoch")
-        trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                              processing_class=tokenizer, compute_metrics=accuracy_f1)
+        args = args_cls(
+            output_dir=out,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            num_train_epochs=1,
+            eval_strategy="epoch",
+        )
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=dev,
+            processing_class=tokenizer,
+            compute_metrics=accuracy_f1,
+        )
         with quiet():
             cpu0, wall0 = clocks()
             trainer.train()
             cpu1, wall1 = clocks()
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     metrics = {k: v for k, v in evals[-1].items() if k in ("eval_loss", "eval_accuracy", "eval_f1")}
-    return {"cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0, "steps": trainer.state.global_step, "train_examples": len(train),
-            "eval_examples": len(dev), "metrics": metrics, "params_sha1": params_sha1(trainer.model)}
+    return {
+        "cpu_s": cpu1 - cpu0,
+        "wall_s": wall1 - wall0,
+        "steps": trainer.state.global_step,
+        "train_examples": len(train),
+        "eval_examples": len(dev),
+        "metrics": metrics,
+        "params_sha1": params_sha1(trainer.model),
+    }
 
 
 def worker_startup(contender: str, cfg: dict) -> dict:
@@ -412,15 +480,25 @@ def worker_evalmem(contender: str, cfg: dict) -> dict:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=cfg["evalmem_vocab"], n_embd=32, n_layer=2, n_head=2, n_positions=64)
     model = transformers.GPT2LMHeadModel(config)
-    dataset = token_dataset(cfg["evalmem_sequences"], seed=2, seq_len=cfg["evalmem_seq_len"],
-                            vocab=cfg["evalmem_vocab"], lm=True)
+    dataset = token_dataset(
+        cfg["evalmem_sequences"], seed=2, seq_len=cfg["evalmem_seq_len"], vocab=cfg["evalmem_vocab"], lm=True
+    )
     streaming = contender.endswith("_stream")
     trainer_cls, args_cls = library(contender)
     with tempfile.TemporaryDirectory() as out:
-        args = args_cls(output_dir=out, use_cpu=True, report_to="none", per_device_eval_batch_size=cfg["evalmem_batch"],
-                        batch_eval_metrics=streaming)
-        trainer = trainer_cls(model=model, args=args, eval_dataset=dataset,
-                              compute_metrics=StreamingTokenAccuracy() if streaming else token_accuracy)
+        args = args_cls(
+            output_dir=out,
+            use_cpu=True,
+            report_to="none",
+            per_device_eval_batch_size=cfg["evalmem_batch"],
+            batch_eval_metrics=streaming,
+        )
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            eval_dataset=dataset,
+            compute_metrics=StreamingTokenAccuracy() if streaming else token_accuracy,
+        )
         # RSS is sampled every millisecond while evaluate() runs; ru_maxrss gives the exact process peak.
         rss_before, maxrss_before, peak, done = _rss_mb(), _maxrss_mb(), [0.0], threading.Event()
 
@@ -441,8 +519,11 @@ def worker_evalmem(contender: str, cfg: dict) -> dict:
     eval_peak = maxrss if maxrss > maxrss_before else max(peak[0], rss_before)
     logits_mb = cfg["evalmem_sequences"] * cfg["evalmem_seq_len"] * cfg["evalmem_vocab"] * 4 / 2**20
     return {
-        "peak_rss_mb": maxrss, "eval_peak_over_start_mb": eval_peak - rss_before, "rss_before_mb": rss_before,
-        "eval_s": seconds, "logits_mb": logits_mb,
+        "peak_rss_mb": maxrss,
+        "eval_peak_over_start_mb": eval_peak - rss_before,
+        "rss_before_mb": rss_before,
+        "eval_s": seconds,
+        "logits_mb": logits_mb,
         "metrics": {k: v for k, v in metrics.items() if k in ("eval_loss", "eval_token_accuracy")},
     }
 
@@ -456,18 +537,34 @@ def gpu_workload(section: str, cfg: dict):
     torch.manual_seed(0)
     if section == "gpu":
         if quick:  # the code path only: a small model on whatever device there is
-            config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+            config = transformers.BertConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+            )
         else:
             config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, 30,522 tokens
         model = transformers.BertForSequenceClassification(config)
         steps, batch, seq, lm = cfg["gpu_steps"], cfg["gpu_batch"], cfg["gpu_seq_len"], False
     else:
         if quick:
-            config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+            config = transformers.LlamaConfig(
+                vocab_size=1000,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
         else:  # Llama-like, 12 layers, hidden 768, 32,000 tokens, untied head: 134M parameters
-            config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                              num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024)
+            config = transformers.LlamaConfig(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                max_position_embeddings=1024,
+            )
         model = transformers.LlamaForCausalLM(config)
         steps, batch, seq, lm = cfg["gpu_lm_steps"], cfg["gpu_lm_batch"], cfg["gpu_lm_seq_len"], True
     dataset = token_dataset(steps * batch, seed=3, seq_len=seq, vocab=config.vocab_size, lm=lm)
@@ -483,9 +580,8 @@ def tensor_sums(model) -> list[float]:
 
 def worker_gpu(contender: str, cfg: dict, section: str = "gpu") -> dict:
     """Item 5: bf16 on one CUDA GPU. Samples/s (wall), CPU ms per step, host syncs per step, final weights."""
-    import torch
-
     import host_syncs
+    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not cfg.get("quick"):
@@ -505,14 +601,22 @@ def worker_gpu(contender: str, cfg: dict, section: str = "gpu") -> dict:
                 sync_at_edges(step)
                 times.append(clocks())
 
-            trained = bare_loop(model, dataset, batch, 5e-5, 1.0, steps, on_step, device=device,
-                                autocast_dtype=torch.bfloat16)
+            trained = bare_loop(
+                model, dataset, batch, 5e-5, 1.0, steps, on_step, device=device, autocast_dtype=torch.bfloat16
+            )
         else:
             trainer_cls, args_cls = library(contender)
             clock = step_clock(sync_at_edges)
             with tempfile.TemporaryDirectory() as out:
-                args = args_cls(output_dir=out, report_to="none", save_strategy="no", max_steps=steps,
-                                per_device_train_batch_size=batch, bf16=True, use_cpu=device == "cpu")
+                args = args_cls(
+                    output_dir=out,
+                    report_to="none",
+                    save_strategy="no",
+                    max_steps=steps,
+                    per_device_train_batch_size=batch,
+                    bf16=True,
+                    use_cpu=device == "cpu",
+                )
                 trainer = trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[clock])
                 with quiet():
                     trainer.train()
@@ -522,12 +626,17 @@ def worker_gpu(contender: str, cfg: dict, section: str = "gpu") -> dict:
     owner = {"bare": "script", "looptrain": "looptrain", "trainer": "trainer"}[contender]
     micro_batches = len(times)
     return {
-        "ms_per_step": ms, "cpu_ms_per_step": timing["ms_per_step"], "samples_per_s": batch / ms * 1000,
-        "tokens_per_s": batch * seq / ms * 1000, "steps": len(times), "description": description,
+        "ms_per_step": ms,
+        "cpu_ms_per_step": timing["ms_per_step"],
+        "samples_per_s": batch / ms * 1000,
+        "tokens_per_s": batch * seq / ms * 1000,
+        "steps": len(times),
+        "description": description,
         "loop_syncs_per_step": syncs.count(owner) / micro_batches,
         "loop_syncs_between_logs_per_step": syncs.count(owner, at_point=False) / micro_batches,
         "model_syncs_per_step": syncs.count("model") / micro_batches,
-        "params_sha1": params_sha1(trained), "tensor_sums": tensor_sums(trained),
+        "params_sha1": params_sha1(trained),
+        "tensor_sums": tensor_sums(trained),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
 
@@ -536,8 +645,14 @@ def worker_gpu_lm(contender: str, cfg: dict) -> dict:
     return worker_gpu(contender, cfg, section="gpu_lm")
 
 
-WORKERS = {"overhead": worker_overhead, "real": worker_real, "startup": worker_startup, "evalmem": worker_evalmem,
-           "gpu": worker_gpu, "gpu_lm": worker_gpu_lm}
+WORKERS = {
+    "overhead": worker_overhead,
+    "real": worker_real,
+    "startup": worker_startup,
+    "evalmem": worker_evalmem,
+    "gpu": worker_gpu,
+    "gpu_lm": worker_gpu_lm,
+}
 
 
 # ============================================================================================ the runner
@@ -550,12 +665,24 @@ def set_threads(threads: int):
 
 
 def run_in_subprocess(section: str, contender: str, cfg: dict) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
     if cfg["threads"]:
         env["OMP_NUM_THREADS"] = str(cfg["threads"])
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", section, "--contender", contender,
-           "--config", json.dumps(cfg)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        section,
+        "--contender",
+        contender,
+        "--config",
+        json.dumps(cfg),
+    ]
     with tempfile.TemporaryFile("w+") as err:
         env[SPAWN_ENV] = repr(time.time())  # item 3 counts from here: interpreter start-up included
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -563,7 +690,7 @@ def run_in_subprocess(section: str, contender: str, cfg: dict) -> dict:
         stderr = err.read()
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(f"{section}/{contender} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
 
 
@@ -594,9 +721,14 @@ def measure(section: str, cfg: dict, rounds: int, in_process: bool, log, deadlin
 
 
 def summary(section: str, res: dict) -> str:
-    keys = {"overhead": ("ms_per_step", "wall_ms_per_step"), "real": ("cpu_s", "wall_s"), "startup": ("cpu_s", "wall_s"),
-            "evalmem": ("peak_rss_mb", "eval_s"), "gpu": ("ms_per_step", "samples_per_s", "cpu_ms_per_step"),
-            "gpu_lm": ("ms_per_step", "samples_per_s", "cpu_ms_per_step")}[section]
+    keys = {
+        "overhead": ("ms_per_step", "wall_ms_per_step"),
+        "real": ("cpu_s", "wall_s"),
+        "startup": ("cpu_s", "wall_s"),
+        "evalmem": ("peak_rss_mb", "eval_s"),
+        "gpu": ("ms_per_step", "samples_per_s", "cpu_ms_per_step"),
+        "gpu_lm": ("ms_per_step", "samples_per_s", "cpu_ms_per_step"),
+    }[section]
     return " ".join(f"{key}={res[key]:.4g}" for key in keys)
 
 
@@ -620,112 +752,170 @@ def verdict(ok: bool) -> str:
 
 
 def table(results: dict, cfg: dict, rounds: dict) -> str:
-    rows = ["| figure | bare torch | looptrain | Trainer 5.24 | ratio (medians) | target | met |",
-            "|---|---:|---:|---:|---|---|---|"]
+    rows = [
+        "| figure | bare torch | looptrain | Trainer 5.24 | ratio (medians) | target | met |",
+        "|---|---:|---:|---:|---|---|---|",
+    ]
     notes = []
     if "overhead" in results:
         res = results["overhead"]
         b, l, t = (med(res[c], "ms_per_step") for c in ("bare", "looptrain", "trainer"))
         bw, lw, tw = (med(res[c], "wall_ms_per_step") for c in ("bare", "looptrain", "trainer"))
-        same = len({r.get("params_sha1") for c in ("looptrain", "looptrain_plain", "trainer") for r in res.get(c, [])}) == 1
+        same = (
+            len({r.get("params_sha1") for c in ("looptrain", "looptrain_plain", "trainer") for r in res.get(c, [])})
+            == 1
+        )
         n = res["looptrain"][0]["steps"]
-        rows.append(f"| 1. overhead: CPU ms per optimizer step (wall ms), tiny BERT, {n} steps (n={rounds['overhead']}) | "
-                    f"{b:.3f} ({bw:.2f}) | {l:.3f} ({lw:.2f}) | {t:.3f} ({tw:.2f}) | looptrain / bare **{l / b:.3f}** | "
-                    f"<= 1.10 | {verdict(l / b <= 1.10)} |")
-        rows.append(f"| | | | | looptrain / Trainer **{l / t:.3f}** (Trainer / bare {t / b:.3f}) | <= 0.80 | "
-                    f"{verdict(l / t <= 0.80)} |")
+        rows.append(
+            f"| 1. overhead: CPU ms per optimizer step (wall ms), tiny BERT, {n} steps (n={rounds['overhead']}) | "
+            f"{b:.3f} ({bw:.2f}) | {l:.3f} ({lw:.2f}) | {t:.3f} ({tw:.2f}) | looptrain / bare **{l / b:.3f}** | "
+            f"<= 1.10 | {verdict(l / b <= 1.10)} |"
+        )
+        rows.append(
+            f"| | | | | looptrain / Trainer **{l / t:.3f}** (Trainer / bare {t / b:.3f}) | <= 0.80 | "
+            f"{verdict(l / t <= 0.80)} |"
+        )
         if "looptrain_plain" in res:
             p, pw = med(res["looptrain_plain"], "ms_per_step"), med(res["looptrain_plain"], "wall_ms_per_step")
-            rows.append(f"| 1. overhead, looptrain with its fast paths off (`LOOPTRAIN_PLAIN=1`) | | {p:.3f} ({pw:.2f}) | | "
-                        f"plain / bare {p / b:.3f}; looptrain / plain **{l / p:.3f}** | | |")
-        rows.append(f"| 1. final weights, looptrain (fast and plain) vs Trainer | | | | {'bit-identical' if same else 'DIFFERENT'} | "
-                    f"identical | {verdict(same)} |")
-        notes.append("overhead CPU ms/step, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'ms_per_step', '.3f')}" for c in res)
+            rows.append(
+                f"| 1. overhead, looptrain with its fast paths off (`LOOPTRAIN_PLAIN=1`) | | {p:.3f} ({pw:.2f}) | | "
+                f"plain / bare {p / b:.3f}; looptrain / plain **{l / p:.3f}** | | |"
+            )
+        rows.append(
+            f"| 1. final weights, looptrain (fast and plain) vs Trainer | | | | {'bit-identical' if same else 'DIFFERENT'} | "
+            f"identical | {verdict(same)} |"
+        )
+        notes.append(
+            "overhead CPU ms/step, min-max over rounds: "
+            + ", ".join(f"{LABELS[c]} {spread(res[c], 'ms_per_step', '.3f')}" for c in res)
             + f"; per round, looptrain / bare: {paired(res['looptrain'], res['bare'], 'ms_per_step')}; "
             f"looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'ms_per_step')}"
-            + (f"; looptrain / plain: {paired(res['looptrain'], res['looptrain_plain'], 'ms_per_step')}" if "looptrain_plain" in res else ""))
+            + (
+                f"; looptrain / plain: {paired(res['looptrain'], res['looptrain_plain'], 'ms_per_step')}"
+                if "looptrain_plain" in res
+                else ""
+            )
+        )
     if "real" in results:
         res = results["real"]
         l, t = med(res["looptrain"], "cpu_s"), med(res["trainer"], "cpu_s")
         lw, tw = med(res["looptrain"], "wall_s"), med(res["trainer"], "wall_s")
         first = res["looptrain"][0]
         subset = "" if cfg["real_train"] is None else " (SUBSET)"
-        rows.append(f"| 2. real run: CPU s (wall s) of train(), all-MiniLM-L6-v2, MRPC, 1 epoch ({first['steps']} steps, "
-                    f"{first['train_examples']} examples) + eval ({first['eval_examples']}){subset} (n={rounds['real']}) | "
-                    f"| {l:.1f} ({lw:.1f}) | {t:.1f} ({tw:.1f}) | looptrain / Trainer **{l / t:.3f}** (wall {lw / tw:.3f}) | "
-                    f"<= 1.00 | {verdict(l / t <= 1.0)} |")
+        rows.append(
+            f"| 2. real run: CPU s (wall s) of train(), all-MiniLM-L6-v2, MRPC, 1 epoch ({first['steps']} steps, "
+            f"{first['train_examples']} examples) + eval ({first['eval_examples']}){subset} (n={rounds['real']}) | "
+            f"| {l:.1f} ({lw:.1f}) | {t:.1f} ({tw:.1f}) | looptrain / Trainer **{l / t:.3f}** (wall {lw / tw:.3f}) | "
+            f"<= 1.00 | {verdict(l / t <= 1.0)} |"
+        )
         lm, tm = res["looptrain"][0]["metrics"], res["trainer"][0]["metrics"]
         equal = all(r["metrics"] == lm for r in res["looptrain"] + res["trainer"])
         same = len({r.get("params_sha1") for r in res["looptrain"] + res["trainer"]}) == 1
         fmt = lambda m: " / ".join(f"{m[k]:.4f}" for k in ("eval_loss", "eval_accuracy", "eval_f1"))  # noqa: E731
-        rows.append(f"| 2. real run: eval loss / accuracy / F1 | | {fmt(lm)} | {fmt(tm)} | "
-                    f"{'equal (bit for bit)' if equal else 'DIFFERENT'}; weights {'bit-identical' if same else 'DIFFERENT'} | "
-                    f"equal | {verdict(equal)} |")
-        notes.append("real-run CPU s, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.1f')}" for c in res)
-            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}")
+        rows.append(
+            f"| 2. real run: eval loss / accuracy / F1 | | {fmt(lm)} | {fmt(tm)} | "
+            f"{'equal (bit for bit)' if equal else 'DIFFERENT'}; weights {'bit-identical' if same else 'DIFFERENT'} | "
+            f"equal | {verdict(equal)} |"
+        )
+        notes.append(
+            "real-run CPU s, min-max over rounds: "
+            + ", ".join(f"{LABELS[c]} {spread(res[c], 'cpu_s', '.1f')}" for c in res)
+            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}"
+        )
     if "startup" in results:
         res = results["startup"]
         b, l, t = (med(res[c], "cpu_s") for c in ("bare", "looptrain", "trainer"))
         bw, lw, tw = (med(res[c], "wall_s") for c in ("bare", "looptrain", "trainer"))
-        rows.append(f"| 3. time to first step: CPU s (wall s) from process launch, imports included (n={rounds['startup']}) | "
-                    f"{b:.2f} ({bw:.2f}) | {l:.2f} ({lw:.2f}) | {t:.2f} ({tw:.2f}) | looptrain / Trainer **{l / t:.3f}** "
-                    f"(wall {lw / tw:.3f}; looptrain / bare {l / b:.2f}) | <= 0.60 | {verdict(l / t <= 0.60)} |")
-        notes.append("time to first step, CPU s, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'cpu_s', '.2f')}" for c in res)
-            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}")
+        rows.append(
+            f"| 3. time to first step: CPU s (wall s) from process launch, imports included (n={rounds['startup']}) | "
+            f"{b:.2f} ({bw:.2f}) | {l:.2f} ({lw:.2f}) | {t:.2f} ({tw:.2f}) | looptrain / Trainer **{l / t:.3f}** "
+            f"(wall {lw / tw:.3f}; looptrain / bare {l / b:.2f}) | <= 0.60 | {verdict(l / t <= 0.60)} |"
+        )
+        notes.append(
+            "time to first step, CPU s, min-max over rounds: "
+            + ", ".join(f"{LABELS[c]} {spread(res[c], 'cpu_s', '.2f')}" for c in res)
+            + f"; per round, looptrain / Trainer: {paired(res['looptrain'], res['trainer'], 'cpu_s')}"
+        )
     if "evalmem" in results:
         res = results["evalmem"]
         peak = {c: med(res[c], "peak_rss_mb") for c in res}
         over = {c: med(res[c], "eval_peak_over_start_mb") for c in res}
         secs = {c: med(res[c], "eval_s") for c in res}
         first = res["trainer"][0]
-        desc = (f"{cfg['evalmem_sequences']} seq x {cfg['evalmem_seq_len']} tokens, vocab {cfg['evalmem_vocab']}: "
-                f"logits {first['logits_mb']:.0f} MB")
-        rows.append(f"| 4. evaluate() peak RSS MB, default (keeps every logit), {desc} (n={rounds['evalmem']}) | | "
-                    f"{peak['looptrain']:.0f} | {peak['trainer']:.0f} | looptrain / Trainer {peak['looptrain'] / peak['trainer']:.3f} | | |")
+        desc = (
+            f"{cfg['evalmem_sequences']} seq x {cfg['evalmem_seq_len']} tokens, vocab {cfg['evalmem_vocab']}: "
+            f"logits {first['logits_mb']:.0f} MB"
+        )
+        rows.append(
+            f"| 4. evaluate() peak RSS MB, default (keeps every logit), {desc} (n={rounds['evalmem']}) | | "
+            f"{peak['looptrain']:.0f} | {peak['trainer']:.0f} | looptrain / Trainer {peak['looptrain'] / peak['trainer']:.3f} | | |"
+        )
         ratio = peak["looptrain_stream"] / peak["trainer"]
-        rows.append(f"| 4. evaluate() peak RSS MB, streaming (`batch_eval_metrics=True`) | | {peak['looptrain_stream']:.0f} | "
-                    f"{peak['trainer_stream']:.0f} | looptrain streaming / Trainer default **{ratio:.3f}** | <= 0.20 | "
-                    f"{verdict(ratio <= 0.20)} |")
-        rows.append(f"| 4. evaluate() memory growth MB over the RSS before it: default / streaming | | "
-                    f"{over['looptrain']:.0f} / {over['looptrain_stream']:.0f} | {over['trainer']:.0f} / {over['trainer_stream']:.0f} | "
-                    f"streaming / Trainer default {over['looptrain_stream'] / max(over['trainer'], 1e-9):.4f} | | |")
+        rows.append(
+            f"| 4. evaluate() peak RSS MB, streaming (`batch_eval_metrics=True`) | | {peak['looptrain_stream']:.0f} | "
+            f"{peak['trainer_stream']:.0f} | looptrain streaming / Trainer default **{ratio:.3f}** | <= 0.20 | "
+            f"{verdict(ratio <= 0.20)} |"
+        )
+        rows.append(
+            f"| 4. evaluate() memory growth MB over the RSS before it: default / streaming | | "
+            f"{over['looptrain']:.0f} / {over['looptrain_stream']:.0f} | {over['trainer']:.0f} / {over['trainer_stream']:.0f} | "
+            f"streaming / Trainer default {over['looptrain_stream'] / max(over['trainer'], 1e-9):.4f} | | |"
+        )
         metric_sets = [r["metrics"] for c in res for r in res[c]]
         equal = all(m == metric_sets[0] for m in metric_sets)
-        rows.append(f"| 4. evaluate() s: default / streaming; eval metrics of all four equal | | "
-                    f"{secs['looptrain']:.1f} / {secs['looptrain_stream']:.1f} | {secs['trainer']:.1f} / {secs['trainer_stream']:.1f} | "
-                    f"{'metrics equal' if equal else 'metrics DIFFERENT'} | equal | {verdict(equal)} |")
-        notes.append("evaluate() peak RSS MB, min-max over rounds: " + ", ".join(
-            f"{LABELS[c]} {spread(res[c], 'peak_rss_mb', '.0f')}" for c in res))
-    for section, seq_key, batch_key in (("gpu", "gpu_seq_len", "gpu_batch"), ("gpu_lm", "gpu_lm_seq_len", "gpu_lm_batch")):
+        rows.append(
+            f"| 4. evaluate() s: default / streaming; eval metrics of all four equal | | "
+            f"{secs['looptrain']:.1f} / {secs['looptrain_stream']:.1f} | {secs['trainer']:.1f} / {secs['trainer_stream']:.1f} | "
+            f"{'metrics equal' if equal else 'metrics DIFFERENT'} | equal | {verdict(equal)} |"
+        )
+        notes.append(
+            "evaluate() peak RSS MB, min-max over rounds: "
+            + ", ".join(f"{LABELS[c]} {spread(res[c], 'peak_rss_mb', '.0f')}" for c in res)
+        )
+    for section, seq_key, batch_key in (
+        ("gpu", "gpu_seq_len", "gpu_batch"),
+        ("gpu_lm", "gpu_lm_seq_len", "gpu_lm_batch"),
+    ):
         if section not in results:
             continue
         res = results[section]
         first = res["looptrain"][0]
         name = f"5{'a' if section == 'gpu' else 'b'}. GPU bf16"
-        what = (f"{first['description']}{' (--quick)' if cfg.get('quick') else ''}, batch {cfg[batch_key]} x {cfg[seq_key]}, "
-                f"{first['device']} (n={rounds[section]})")
+        what = (
+            f"{first['description']}{' (--quick)' if cfg.get('quick') else ''}, batch {cfg[batch_key]} x {cfg[seq_key]}, "
+            f"{first['device']} (n={rounds[section]})"
+        )
         b, l, t = (med(res[c], "ms_per_step") for c in ("bare", "looptrain", "trainer"))
-        rows.append(f"| {name} wall ms per step: {what} | {b:.2f} | {l:.2f} | {t:.2f} | looptrain / Trainer **{l / t:.3f}** "
-                    f"(looptrain / bare {l / b:.3f}) | | |")
+        rows.append(
+            f"| {name} wall ms per step: {what} | {b:.2f} | {l:.2f} | {t:.2f} | looptrain / Trainer **{l / t:.3f}** "
+            f"(looptrain / bare {l / b:.3f}) | | |"
+        )
         sps = {c: med(res[c], "samples_per_s") for c in res}
-        rows.append(f"| {name}: samples per second | {sps['bare']:,.1f} | {sps['looptrain']:,.1f} | {sps['trainer']:,.1f} | "
-                    f"looptrain / Trainer {sps['looptrain'] / sps['trainer']:.3f} | | |")
+        rows.append(
+            f"| {name}: samples per second | {sps['bare']:,.1f} | {sps['looptrain']:,.1f} | {sps['trainer']:,.1f} | "
+            f"looptrain / Trainer {sps['looptrain'] / sps['trainer']:.3f} | | |"
+        )
         cpu = {c: med(res[c], "cpu_ms_per_step") for c in res}
-        rows.append(f"| {name}: CPU ms per step | {cpu['bare']:.2f} | {cpu['looptrain']:.2f} | {cpu['trainer']:.2f} | "
-                    f"looptrain / Trainer {cpu['looptrain'] / cpu['trainer']:.3f} | | |")
+        rows.append(
+            f"| {name}: CPU ms per step | {cpu['bare']:.2f} | {cpu['looptrain']:.2f} | {cpu['trainer']:.2f} | "
+            f"looptrain / Trainer {cpu['looptrain'] / cpu['trainer']:.3f} | | |"
+        )
         sync = {c: med(res[c], "loop_syncs_between_logs_per_step") for c in res}
         model_sync = med(res["looptrain"], "model_syncs_per_step")
-        rows.append(f"| {name}: host syncs per step made by the loop between logs (the model's own: {model_sync:.2f}) | "
-                    f"{sync['bare']:.2f} | {sync['looptrain']:.2f} | {sync['trainer']:.2f} | | 0 for looptrain | "
-                    f"{verdict(sync['looptrain'] == 0)} |")
+        rows.append(
+            f"| {name}: host syncs per step made by the loop between logs (the model's own: {model_sync:.2f}) | "
+            f"{sync['bare']:.2f} | {sync['looptrain']:.2f} | {sync['trainer']:.2f} | | 0 for looptrain | "
+            f"{verdict(sync['looptrain'] == 0)} |"
+        )
         same = len({r["params_sha1"] for r in res["looptrain"] + res["trainer"]}) == 1
         ref = res["trainer"][0]["tensor_sums"]
-        worst = max(abs(a - r) / max(abs(r), 1e-12) for run in res["looptrain"] for a, r in zip(run["tensor_sums"], ref))
-        rows.append(f"| {name}: final weights, looptrain vs Trainer | | | | "
-                    f"{'bit-identical' if same else f'differ: per-tensor sums within {worst:.1e} (relative)'} | | |")
+        worst = max(
+            abs(a - r) / max(abs(r), 1e-12) for run in res["looptrain"] for a, r in zip(run["tensor_sums"], ref)
+        )
+        rows.append(
+            f"| {name}: final weights, looptrain vs Trainer | | | | "
+            f"{'bit-identical' if same else f'differ: per-tensor sums within {worst:.1e} (relative)'} | | |"
+        )
     return "\n".join(rows) + "\n\n" + "\n".join(f"* {n}" for n in notes)
 
 
@@ -740,8 +930,10 @@ def machine() -> str:
     import torch
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {{threads}} thread(s) per process, "
-            f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {{threads}} thread(s) per process, "
+        f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, Python {platform.python_version()}"
+    )
 
 
 def cpu_profile(contender: str, cfg: dict, top: int = 30) -> int:
@@ -758,9 +950,16 @@ def cpu_profile(contender: str, cfg: dict, top: int = 30) -> int:
     result = worker_overhead(contender, cfg)
     profiler.disable()
     steps = result["steps"]
-    keep = ("looptrain" + os.sep, "accelerate" + os.sep, "transformers" + os.sep + "trainer", "lr_scheduler.py",
-            os.path.join("optim", "optimizer.py"), "clip_grad.py", os.path.join("modules", "module.py"),
-            os.path.join("data", "dataloader.py"))
+    keep = (
+        "looptrain" + os.sep,
+        "accelerate" + os.sep,
+        "transformers" + os.sep + "trainer",
+        "lr_scheduler.py",
+        os.path.join("optim", "optimizer.py"),
+        "clip_grad.py",
+        os.path.join("modules", "module.py"),
+        os.path.join("data", "dataloader.py"),
+    )
     rows = []
     for (path, line, name), (_, calls, _, cumulative, _) in pstats.Stats(profiler).stats.items():
         if calls >= steps and any(k in path for k in keep):
@@ -785,38 +984,71 @@ def profile(contender: str, cfg: dict) -> int:
     result = worker_overhead(contender, cfg)
     profiler.stop()
     hide = r".*(modeling_bert|torch/nn/modules|transformers/utils/generic|deprecation|output_capturing|masking_utils).*"
-    print(profiler.output(ConsoleRenderer(unicode=False, color=False, processor_options={"filter_threshold": 0.002,
-                                                                                         "hide_regex": hide})))
+    print(
+        profiler.output(
+            ConsoleRenderer(
+                unicode=False, color=False, processor_options={"filter_threshold": 0.002, "hide_regex": hide}
+            )
+        )
+    )
     print(f"{contender}: {result['ms_per_step']:.3f} CPU ms per step under the profiler")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: checks that every path works")
     parser.add_argument("--gpu", action="store_true", help="item 5 only, on a CUDA GPU")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 5; 1 with --quick)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the contenders of items 1, 2, 4 and 5 in this process, in turn (on a machine so "
-                             "loaded that fresh processes swing more than the overhead being measured; item 3 always "
-                             "starts fresh processes)")
-    parser.add_argument("--overhead-steps", type=int, default=None,
-                        help="optimizer steps per item-1 run (default 500; with --in-process, shorter runs and more "
-                             "rounds interleave the contenders more finely)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the contenders of items 1, 2, 4 and 5 in this process, in turn (on a machine so "
+        "loaded that fresh processes swing more than the overhead being measured; item 3 always "
+        "starts fresh processes)",
+    )
+    parser.add_argument(
+        "--overhead-steps",
+        type=int,
+        default=None,
+        help="optimizer steps per item-1 run (default 500; with --in-process, shorter runs and more "
+        "rounds interleave the contenders more finely)",
+    )
     parser.add_argument("--real-rounds", type=int, default=None, help="rounds for item 2 only (default: --rounds)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in each measured process (default 1; with --gpu, torch's default)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new round after this many seconds, once 3 rounds are done (default 300 with --gpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in each measured process (default 1; with --gpu, torch's default)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new round after this many seconds, once 3 rounds are done (default 300 with --gpu)",
+    )
     parser.add_argument("--glue-dir", default=DEFAULT_GLUE_DIR, help="folder with MRPC's train.tsv and dev.tsv")
     parser.add_argument("--json", default=None, help="also write every raw measurement to this file")
-    parser.add_argument("--from-json", default=None, metavar="PATH",
-                        help="print the table of measurements saved earlier with --json, measuring nothing")
-    parser.add_argument("--profile", choices=("bare", "looptrain", "looptrain_plain", "trainer"), default=None,
-                        help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it")
-    parser.add_argument("--profile-cpu", action="store_true",
-                        help="with --profile: cProfile on the process's CPU clock instead of pyinstrument's wall-clock samples")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="print the table of measurements saved earlier with --json, measuring nothing",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("bare", "looptrain", "looptrain_plain", "trainer"),
+        default=None,
+        help="profile item 1 of one contender with pyinstrument (pip install pyinstrument) and print it",
+    )
+    parser.add_argument(
+        "--profile-cpu",
+        action="store_true",
+        help="with --profile: cProfile on the process's CPU clock instead of pyinstrument's wall-clock samples",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -862,13 +1094,21 @@ def main(argv=None) -> int:
     results = {}
     for section in sections:
         log(f"{section}: {per_section[section]} round(s) of {', '.join(CONTENDERS[section])}")
-        results[section] = measure(section, cfg, per_section[section], opts.quick or opts.in_process, log,
-                                   deadline=None if budget is None else start + budget)
+        results[section] = measure(
+            section,
+            cfg,
+            per_section[section],
+            opts.quick or opts.in_process,
+            log,
+            deadline=None if budget is None else start + budget,
+        )
         per_section[section] = len(next(iter(results[section].values())))  # rounds actually run
     command = "python scripts/bench.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    header = (f"looptrain benchmark{' (--quick: sizes too small to mean anything)' if opts.quick else ''}; "
-              f"command: `{command.strip()}`; {time.time() - start:.0f} s\n"
-              f"machine: {machine().format(threads=threads or 'default')}\n")
+    header = (
+        f"looptrain benchmark{' (--quick: sizes too small to mean anything)' if opts.quick else ''}; "
+        f"command: `{command.strip()}`; {time.time() - start:.0f} s\n"
+        f"machine: {machine().format(threads=threads or 'default')}\n"
+    )
     print(header)
     print(table(results, cfg, per_section))
     if opts.json:

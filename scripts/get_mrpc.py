@@ -36,7 +36,9 @@ def save_mrpc(folder: str) -> list[str]:
             for row in data[split]:
                 fields = [str(row[c]) for c in COLUMNS]
                 if any(("\t" in v or "\n" in v) for v in fields):
-                    raise ValueError(f"{split} row {row.get('idx')}: a tab or line break, which unquoted TSV cannot hold")
+                    raise ValueError(
+                        f"{split} row {row.get('idx')}: a tab or line break, which unquoted TSV cannot hold"
+                    )
                 f.write("\t".join(fields) + "\n")
         paths.append(path)
     return paths
@@ -52,15 +54,21 @@ def main(argv=None) -> int:
 
     reason = hub_offline_reason()  # seconds, not minutes of download retries
     if reason is not None:
-        print(f"get_mrpc.py: {HUB_ID} ({CONFIG}) comes from the Hugging Face Hub, but {reason}; run it where "
-              "huggingface.co is reachable.", file=sys.stderr)
+        print(
+            f"get_mrpc.py: {HUB_ID} ({CONFIG}) comes from the Hugging Face Hub, but {reason}; run it where "
+            "huggingface.co is reachable.",
+            file=sys.stderr,
+        )
         return 1
     try:
         paths = save_mrpc(argv[0])
     except Exception as err:  # offline, or the Hub failed: one line, not a traceback
-        print(f"get_mrpc.py: cannot load {HUB_ID} ({CONFIG}) from the Hugging Face Hub "
-              f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); run it where "
-              "huggingface.co is reachable.", file=sys.stderr)
+        print(
+            f"get_mrpc.py: cannot load {HUB_ID} ({CONFIG}) from the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); run it where "
+            "huggingface.co is reachable.",
+            file=sys.stderr,
+        )
         return 1
     print("wrote " + ", ".join(paths))
     return 0

@@ -78,8 +78,14 @@ LIBS = {
 def train(lib, model_fn, output_dir, train_ds, eval_ds=None, callbacks=None, **kwargs):
     trainer_cls, args_cls = LIBS[lib]
     args = args_cls(output_dir=output_dir, report_to="none", disable_tqdm=True, save_strategy="no", **kwargs)
-    trainer = trainer_cls(model=model_fn(), args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          compute_metrics=accuracy if eval_ds is not None else None, callbacks=callbacks)
+    trainer = trainer_cls(
+        model=model_fn(),
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        compute_metrics=accuracy if eval_ds is not None else None,
+        callbacks=callbacks,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         result = trainer.train()
     return trainer, result
@@ -91,9 +97,21 @@ def parity(precision: str, use_cpu: bool, tmp: str) -> dict:
     for lib in LIBS:
         start = time.time()
         trainer, result = train(
-            lib, tiny_bert, os.path.join(tmp, f"parity-{precision}-{lib}"), random_token_dataset(40, 1), random_token_dataset(12, 2),
-            per_device_train_batch_size=8, per_device_eval_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=2,
-            eval_strategy="epoch", logging_steps=1, seed=42, full_determinism=True, use_cpu=use_cpu, **flags,
+            lib,
+            tiny_bert,
+            os.path.join(tmp, f"parity-{precision}-{lib}"),
+            random_token_dataset(40, 1),
+            random_token_dataset(12, 2),
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=8,
+            gradient_accumulation_steps=2,
+            num_train_epochs=2,
+            eval_strategy="epoch",
+            logging_steps=1,
+            seed=42,
+            full_determinism=True,
+            use_cpu=use_cpu,
+            **flags,
         )
         scaler = getattr(trainer.accelerator, "scaler", None)
         runs[lib] = {
@@ -163,20 +181,37 @@ def throughput(precision: str, use_cpu: bool, smoke: bool, tmp: str) -> dict:
         return transformers.BertForSequenceClassification(config)
 
     data = random_token_dataset(batch * steps, seed=1, seq_len=seq, extra_columns=False)
-    out = {"precision": precision, "model": f"bert h{size['hidden_size']} L{size['num_hidden_layers']}",
-           "batch": batch, "seq_len": seq, "steps_timed": steps - warmup}
+    out = {
+        "precision": precision,
+        "model": f"bert h{size['hidden_size']} L{size['num_hidden_layers']}",
+        "batch": batch,
+        "seq_len": seq,
+        "steps_timed": steps - warmup,
+    }
     for lib in LIBS:
         timer = StepTimer(warmup)
-        _, result = train(lib, model_fn, os.path.join(tmp, f"speed-{precision}-{lib}"), data, callbacks=[timer],
-                          per_device_train_batch_size=batch, max_steps=steps, logging_steps=steps, seed=42,
-                          use_cpu=use_cpu, **flags)
+        _, result = train(
+            lib,
+            model_fn,
+            os.path.join(tmp, f"speed-{precision}-{lib}"),
+            data,
+            callbacks=[timer],
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            logging_steps=steps,
+            seed=42,
+            use_cpu=use_cpu,
+            **flags,
+        )
         elapsed = timer.end - timer.start
         out[lib] = {
             "samples_per_s": round(timer.steps * batch / elapsed, 1),
             "ms_per_step": round(1000 * elapsed / timer.steps, 2),
             "train_samples_per_second_incl_startup": result.metrics["train_samples_per_second"],
         }
-    out["looptrain_vs_transformers"] = round(out["looptrain"]["samples_per_s"] / out["transformers"]["samples_per_s"], 3)
+    out["looptrain_vs_transformers"] = round(
+        out["looptrain"]["samples_per_s"] / out["transformers"]["samples_per_s"], 3
+    )
     return out
 
 
@@ -190,31 +225,59 @@ def sharded(smoke: bool, tmp: str) -> list[dict]:
     deepspeed_setups = ["zero2"] if smoke else list(sharded_worker.DEEPSPEED_SETUPS)
     if importlib.util.find_spec("deepspeed") is not None:
         modes.append(("deepspeed", gpus or 1, deepspeed_setups))
-    entries = [] if len(modes) == 2 else [{"check": f"deepspeed {s}: skipped, `import deepspeed` fails", "passed": None}
-                                          for s in deepspeed_setups]
+    entries = (
+        []
+        if len(modes) == 2
+        else [{"check": f"deepspeed {s}: skipped, `import deepspeed` fails", "passed": None} for s in deepspeed_setups]
+    )
     for mode, processes, setups in modes:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         out = os.path.join(tmp, f"sharded-{mode}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
-               os.path.join(ROOT, "tests", "sharded_worker.py"), "--mode", mode, "--out", out, "--workdir", out + "-work"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(port),
+            os.path.join(ROOT, "tests", "sharded_worker.py"),
+            "--mode",
+            mode,
+            "--out",
+            out,
+            "--workdir",
+            out + "-work",
+        ]
         cmd += [a for setup in setups for a in ("--setup", setup)] + (["--deterministic"] if cuda else [])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         if cuda:
-            env["DS_ACCELERATOR"] = "cuda"  # a DeepSpeed wheel built on a CPU machine would otherwise default to its CPU
+            env["DS_ACCELERATOR"] = (
+                "cuda"  # a DeepSpeed wheel built on a CPU machine would otherwise default to its CPU
+            )
         else:
             env["OMP_NUM_THREADS"] = "1"
         start = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
         if proc.returncode != 0:
-            entries.append({"check": f"{mode}: the launch failed (rc={proc.returncode}): {proc.stderr[-2000:]}", "passed": False})
+            entries.append(
+                {"check": f"{mode}: the launch failed (rc={proc.returncode}): {proc.stderr[-2000:]}", "passed": False}
+            )
             continue
         results = json.load(open(f"{out}.rank0.json"))
         for setup in setups:
             for check, passed in sharded_worker.checks(results[setup]):
-                entries.append({"check": f"{mode} {setup} ({processes} process{'es' * (processes > 1)}): {check}", "passed": passed})
-        entries.append({"check": f"{mode}: {round(time.time() - start, 1)} s for {5 * len(setups)} runs", "passed": None})
+                entries.append(
+                    {
+                        "check": f"{mode} {setup} ({processes} process{'es' * (processes > 1)}): {check}",
+                        "passed": passed,
+                    }
+                )
+        entries.append(
+            {"check": f"{mode}: {round(time.time() - start, 1)} s for {5 * len(setups)} runs", "passed": None}
+        )
     return entries
 
 
@@ -231,8 +294,11 @@ def bench(smoke: bool, out: str | None) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     except subprocess.TimeoutExpired as err:
         return {"passed": False, "table": f"timed out after 540 s: {(err.stderr or '')[-2000:]}"}
-    return {"passed": proc.returncode == 0, "seconds": round(time.time() - start, 1),
-            "table": proc.stdout[-8000:] if proc.returncode == 0 else proc.stderr[-4000:]}
+    return {
+        "passed": proc.returncode == 0,
+        "seconds": round(time.time() - start, 1),
+        "table": proc.stdout[-8000:] if proc.returncode == 0 else proc.stderr[-4000:],
+    }
 
 
 def main():
@@ -248,7 +314,8 @@ def main():
     use_cpu = not cuda
     precisions = ["fp32", "bf16", "fp16"] if cuda else ["fp32", "bf16"]
     env = {
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "accelerate": __import__("accelerate").__version__,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA GPU: fp16 skipped)",
     }
@@ -273,7 +340,9 @@ def main():
             print(f"sharded {verdict} {entry['check']}", flush=True)
     if opts.bench or opts.bench_only:
         results["bench"] = bench(opts.smoke, opts.out)
-        print("bench", "PASS" if results["bench"]["passed"] else "FAIL", results["bench"]["table"], sep="\n", flush=True)
+        print(
+            "bench", "PASS" if results["bench"]["passed"] else "FAIL", results["bench"]["table"], sep="\n", flush=True
+        )
     results["seconds"] = round(time.time() - started, 1)
     results["all_parity"] = all(r["parity"] for r in results["parity"])
     results["all_sharded"] = all(e["passed"] is not False for e in results["sharded"])

@@ -28,12 +28,32 @@ import os
 import sys
 
 # Tensor methods that make the host wait for the device (or copy to it synchronously).
-METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__", "numpy", "cpu",
-           "nonzero", "__array__")
+METHODS = (
+    "item",
+    "tolist",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+    "numpy",
+    "cpu",
+    "nonzero",
+    "__array__",
+)
 # Functions of the loops (looptrain's and transformers.Trainer's) that are sync points by design.
 POINTS = {
-    "_maybe_log_save_evaluate", "_stop_if_diverged", "_finalize_training", "_evaluate", "evaluate", "predict",
-    "evaluation_loop", "_save_checkpoint", "log", "store_flos", "_load_best_model",
+    "_maybe_log_save_evaluate",
+    "_stop_if_diverged",
+    "_finalize_training",
+    "_evaluate",
+    "evaluate",
+    "predict",
+    "evaluation_loop",
+    "_save_checkpoint",
+    "log",
+    "store_flos",
+    "_load_best_model",
 }
 _PASS_THROUGH = (os.sep + "torch" + os.sep, os.sep + "accelerate" + os.sep)
 # torch's own reads, named after the part of torch that makes them (the innermost one wins).
@@ -44,7 +64,11 @@ _STDLIB = os.path.dirname(contextlib.__file__) + os.sep
 def _passes_through(filename: str) -> bool:
     if any(part in filename for part in _PASS_THROUGH):
         return True
-    return (filename.startswith(_STDLIB) and "site-packages" not in filename) or filename.startswith("<") or filename == __file__
+    return (
+        (filename.startswith(_STDLIB) and "site-packages" not in filename)
+        or filename.startswith("<")
+        or filename == __file__
+    )
 
 
 def owner_of(filename: str, script: str | None = None) -> str:
@@ -55,7 +79,11 @@ def owner_of(filename: str, script: str | None = None) -> str:
         return "looptrain"
     if "/transformers/" in parts:
         name = parts.rsplit("/", 1)[-1]
-        return "trainer" if name.startswith(("trainer", "training_args")) and "/transformers/models/" not in parts else "model"
+        return (
+            "trainer"
+            if name.startswith(("trainer", "training_args")) and "/transformers/models/" not in parts
+            else "model"
+        )
     return "other"
 
 
@@ -83,7 +111,9 @@ class SyncCounter:
         self.events.append((owner or "other", at_point, method))
 
     def count(self, owner: str | None = None, at_point: bool | None = None) -> int:
-        return sum(1 for o, p, _ in self.events if (owner is None or o == owner) and (at_point is None or p == at_point))
+        return sum(
+            1 for o, p, _ in self.events if (owner is None or o == owner) and (at_point is None or p == at_point)
+        )
 
     def summary(self) -> dict:
         return dict(collections.Counter(f"{o}{' at a log/eval/save/end' if p else ''}: {m}" for o, p, m in self.events))

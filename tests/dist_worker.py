@@ -31,9 +31,8 @@ import transformers
 from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import accuracy, make_args, random_token_dataset, strip_timing, tiny_bert, tiny_gpt2  # noqa: E402
-
 import looptrain  # noqa: E402
+from helpers import accuracy, make_args, random_token_dataset, strip_timing, tiny_bert, tiny_gpt2  # noqa: E402
 
 LIBS = {
     "transformers": (transformers.Trainer, transformers.TrainingArguments),
@@ -89,14 +88,26 @@ def case_cls(out_dir: str) -> dict:
     """Sequence classification, GA=2, eval each epoch on 13 examples (not a multiple of 2 x 4)."""
     train, evaluation = random_token_dataset(40, seed=1), random_token_dataset(13, seed=2)
     args = dict(
-        per_device_train_batch_size=8, per_device_eval_batch_size=4, gradient_accumulation_steps=2,
-        num_train_epochs=2, eval_strategy="epoch", logging_steps=1, seed=42,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        eval_strategy="epoch",
+        logging_steps=1,
+        seed=42,
     )
     results = {}
     for lib in LIBS:
         folder = os.path.join(out_dir, lib)
-        trainer = build(lib, tiny_bert(), folder, train_dataset=train, eval_dataset=evaluation,
-                        compute_metrics=accuracy, args=dict(args))
+        trainer = build(
+            lib,
+            tiny_bert(),
+            folder,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            compute_metrics=accuracy,
+            args=dict(args),
+        )
         results[lib] = run(trainer)
         trainer.accelerator.wait_for_everyone()
         results[lib]["files"] = files_under(folder) if os.path.isdir(folder) else []
@@ -111,7 +122,9 @@ def lm_dataset(n: int, seed: int, seq_len: int = 16, vocab_size: int = 64) -> Da
     lengths = rng.integers(4, seq_len + 1, n)
     mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
     labels = np.where(mask == 1, ids, -100)
-    return Dataset.from_dict({"input_ids": (ids * mask).tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": (ids * mask).tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    )
 
 
 def counting_sync(trainer_cls):
@@ -142,13 +155,26 @@ def case_clm(out_dir: str) -> dict:
     """Causal LM (loss normalised by num_items_in_batch summed over ranks), GA=2, remainder window."""
     train, evaluation = lm_dataset(36, seed=3), lm_dataset(11, seed=4)
     args = dict(
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, gradient_accumulation_steps=2,
-        num_train_epochs=2, eval_strategy="epoch", logging_steps=1, seed=42, save_strategy="no",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        eval_strategy="epoch",
+        logging_steps=1,
+        seed=42,
+        save_strategy="no",
     )
     results = {}
     for lib in LIBS:
-        trainer = build(lib, tiny_gpt2(), os.path.join(out_dir, lib), train_dataset=train, eval_dataset=evaluation,
-                        args=dict(args), trainer_cls=counting_sync(LIBS[lib][0]))
+        trainer = build(
+            lib,
+            tiny_gpt2(),
+            os.path.join(out_dir, lib),
+            train_dataset=train,
+            eval_dataset=evaluation,
+            args=dict(args),
+            trainer_cls=counting_sync(LIBS[lib][0]),
+        )
         results[lib] = run(trainer)
         results[lib]["allreduces_per_micro_batch"] = trainer.allreduces_per_micro_batch
     return results
@@ -186,13 +212,23 @@ def case_evalsize(out_dir: str) -> dict:
                 model = tiny_bert()
                 if accepts_loss_kwargs is not None:
                     model.accepts_loss_kwargs = accepts_loss_kwargs
-                trainer = build(lib, model, os.path.join(out_dir, lib), eval_dataset=evaluation,
-                                compute_metrics=per_example_metrics, args=dict(per_device_eval_batch_size=4, seed=42))
+                trainer = build(
+                    lib,
+                    model,
+                    os.path.join(out_dir, lib),
+                    eval_dataset=evaluation,
+                    compute_metrics=per_example_metrics,
+                    args=dict(per_device_eval_batch_size=4, seed=42),
+                )
                 with contextlib.redirect_stdout(io.StringIO()):
                     metrics = trainer.evaluate()
                     prediction = trainer.predict(evaluation)
                 entry = {
-                    "metrics": {k: v for k, v in metrics.items() if not any(t in k for t in ("runtime", "per_second", "preparation"))},
+                    "metrics": {
+                        k: v
+                        for k, v in metrics.items()
+                        if not any(t in k for t in ("runtime", "per_second", "preparation"))
+                    },
                     "predictions": prediction.predictions.tolist(),
                     "test_loss": prediction.metrics["test_loss"],
                 }
@@ -219,8 +255,12 @@ def sharded_batches(trainer, dataset, world_size: int, batch_size: int) -> list[
     out = []
     for round_ in zip(*per_rank):
         for indices in round_:
-            rows = [{k: v for k, v in dataset[i].items() if k in ("input_ids", "attention_mask", "label")} for i in indices]
-            loss, logits, _ = trainer.prediction_step(trainer.model, trainer.data_collator(rows), prediction_loss_only=False)
+            rows = [
+                {k: v for k, v in dataset[i].items() if k in ("input_ids", "attention_mask", "label")} for i in indices
+            ]
+            loss, logits, _ = trainer.prediction_step(
+                trainer.model, trainer.data_collator(rows), prediction_loss_only=False
+            )
             out.append({"indices": list(indices), "loss": float(loss), "logits": logits.tolist()})
     return out
 
@@ -236,8 +276,13 @@ def case_resume(out_dir: str) -> dict:
     """Resume the run from its step-2 checkpoint (mid-epoch) on 2 processes: equal to the uninterrupted run."""
     train = random_token_dataset(72, seed=5)  # 9 batches of 4 per rank: windows 2, 2, 2, 2, 1
     args = dict(
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=1, logging_steps=1,
-        seed=42, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        logging_steps=1,
+        seed=42,
+        save_strategy="steps",
+        save_steps=2,
     )
     results = {}
     for lib in LIBS:
@@ -245,8 +290,10 @@ def case_resume(out_dir: str) -> dict:
         full = run(build(lib, tiny_bert(), full_dir, train_dataset=train, callbacks=[SeedPerRank()], args=dict(args)))
         checkpoint = os.path.join(full_dir, "checkpoint-2")
         files = files_under(checkpoint)
-        resumed = run(build(lib, tiny_bert(), resumed_dir, train_dataset=train, callbacks=[SeedPerRank()], args=dict(args)),
-                      resume_from_checkpoint=checkpoint)
+        resumed = run(
+            build(lib, tiny_bert(), resumed_dir, train_dataset=train, callbacks=[SeedPerRank()], args=dict(args)),
+            resume_from_checkpoint=checkpoint,
+        )
         results[lib] = {"full": full, "resumed": resumed, "checkpoint_files": files}
     return results
 

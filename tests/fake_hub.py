@@ -38,7 +38,9 @@ MAX_BODY = 64 * 1024 * 1024
 LIFETIME_S = 300.0
 HOLD_LIMIT_S = 60.0
 
-_REPO_PATH = re.compile(r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|revision)/(?P<rev>.+))?$")
+_REPO_PATH = re.compile(
+    r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|revision)/(?P<rev>.+))?$"
+)
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -83,7 +85,7 @@ class FakeHub:
         self._stopped = False
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         self._thread.start()
         self._deadline.start()
         return self
@@ -157,7 +159,9 @@ class FakeHub:
             tree = repo.branches[revision]
             files = [
                 {
-                    "path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
                     "oid": git_blob_sha1(tree[f["path"]]) if f["path"] in tree else None,
                 }
                 for f in json.loads(body)["files"]
@@ -174,7 +178,9 @@ class FakeHub:
         private = payload.get("visibility") == "private"
         with self._lock:
             exists = repo_id in self.repos
-            self.events.append(("create_repo", {"repo_id": repo_id, "private": private, "token": token, "existed": exists}))
+            self.events.append(
+                ("create_repo", {"repo_id": repo_id, "private": private, "token": token, "existed": exists})
+            )
             if not exists:
                 self.repos[repo_id] = Repo(repo_id, private, {"main": {}}, {"main": _oid(repo_id, "main", 0)})
         if exists:
@@ -198,11 +204,17 @@ class FakeHub:
                 for name in [n for n in tree if n == path or n.startswith(path.rstrip("/") + "/")]:
                     del tree[name]
             tree.update(files)
-            commit = Commit(repo.repo_id, revision, header["summary"], header.get("description", ""), files, deleted, token)
+            commit = Commit(
+                repo.repo_id, revision, header["summary"], header.get("description", ""), files, deleted, token
+            )
             commit.oid = _oid(repo.repo_id, revision, len(self.commits()) + 1)
             repo.heads[revision] = commit.oid
             self.events.append(("commit", commit))
-        return 200, {"commitUrl": f"{self.url}/{repo.repo_id}/commit/{commit.oid}", "commitOid": commit.oid, "success": True}, {}
+        return (
+            200,
+            {"commitUrl": f"{self.url}/{repo.repo_id}/commit/{commit.oid}", "commitOid": commit.oid, "success": True},
+            {},
+        )
 
 
 def _oid(*parts) -> str:

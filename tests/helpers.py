@@ -4,9 +4,7 @@ parity harness that runs `transformers.Trainer` and `looptrain.Trainer` side by 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import math
 import pathlib
 import random
 import sys
@@ -115,8 +113,17 @@ def make_args(args_cls, output_dir, **kwargs):
     return args_cls(output_dir=str(output_dir), **{**BASE_ARGS, **kwargs})
 
 
-def run_trainer(trainer_cls, args_cls, model_fn, output_dir, train_dataset=None, eval_dataset=None, args=None,
-                trainer_kwargs=None, do_train=True):
+def run_trainer(
+    trainer_cls,
+    args_cls,
+    model_fn,
+    output_dir,
+    train_dataset=None,
+    eval_dataset=None,
+    args=None,
+    trainer_kwargs=None,
+    do_train=True,
+):
     """Build a model, arguments and trainer of one library, train, and return (trainer, result)."""
     model = model_fn()
     targs = make_args(args_cls, output_dir, **(args or {}))
@@ -127,16 +134,39 @@ def run_trainer(trainer_cls, args_cls, model_fn, output_dir, train_dataset=None,
     return trainer, result
 
 
-def run_both(tmp_path, model_fn, train_dataset=None, eval_dataset=None, args=None, trainer_kwargs=None,
-             hf_trainer_cls=None, lt_trainer_cls=None, do_train=True):
+def run_both(
+    tmp_path,
+    model_fn,
+    train_dataset=None,
+    eval_dataset=None,
+    args=None,
+    trainer_kwargs=None,
+    hf_trainer_cls=None,
+    lt_trainer_cls=None,
+    do_train=True,
+):
     """Train the same model with both libraries in this process; return both trainers and results."""
     hf = run_trainer(
-        hf_trainer_cls or transformers.Trainer, transformers.TrainingArguments, model_fn, tmp_path / "hf",
-        train_dataset, eval_dataset, args, trainer_kwargs, do_train,
+        hf_trainer_cls or transformers.Trainer,
+        transformers.TrainingArguments,
+        model_fn,
+        tmp_path / "hf",
+        train_dataset,
+        eval_dataset,
+        args,
+        trainer_kwargs,
+        do_train,
     )
     lt = run_trainer(
-        lt_trainer_cls or looptrain.Trainer, looptrain.TrainingArguments, model_fn, tmp_path / "lt",
-        train_dataset, eval_dataset, args, trainer_kwargs, do_train,
+        lt_trainer_cls or looptrain.Trainer,
+        looptrain.TrainingArguments,
+        model_fn,
+        tmp_path / "lt",
+        train_dataset,
+        eval_dataset,
+        args,
+        trainer_kwargs,
+        do_train,
     )
     return hf, lt
 

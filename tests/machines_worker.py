@@ -25,11 +25,22 @@ if rank == 1:  # a save a kill interrupted on this machine's own disk: the next 
     os.makedirs("own/lt/.tmp-checkpoint-99", exist_ok=True)
     open("own/lt/.tmp-checkpoint-99/rng_state_1.pth", "wb").close()
 for where in ("own", cli.shared):
-    for name, trainer_cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
-                                        ("lt", looptrain.Trainer, looptrain.TrainingArguments)):
-        args = args_cls(output_dir=os.path.join(where, name), use_cpu=True, report_to="none", disable_tqdm=True,
-                        max_steps=4, save_steps=2, logging_steps=2, per_device_train_batch_size=4,
-                        save_on_each_node=False, dataloader_pin_memory=False)
+    for name, trainer_cls, args_cls in (
+        ("hf", transformers.Trainer, transformers.TrainingArguments),
+        ("lt", looptrain.Trainer, looptrain.TrainingArguments),
+    ):
+        args = args_cls(
+            output_dir=os.path.join(where, name),
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            max_steps=4,
+            save_steps=2,
+            logging_steps=2,
+            per_device_train_batch_size=4,
+            save_on_each_node=False,
+            dataloader_pin_memory=False,
+        )
         trainer = trainer_cls(tiny_bert(), args, train_dataset=random_token_dataset(32, 0))
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()

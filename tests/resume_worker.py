@@ -40,12 +40,24 @@ import transformers  # noqa: E402
 
 import looptrain  # noqa: E402
 import looptrain.checkpoint  # noqa: E402
-from helpers import TIMING_KEYS, accuracy, make_args, random_token_dataset, strip_timing, tiny_bert  # noqa: E402
+from helpers import accuracy, make_args, random_token_dataset, strip_timing, tiny_bert  # noqa: E402
 
-RUN_ARGS = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42)
+RUN_ARGS = dict(
+    per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42
+)
 CALLBACK_EVENTS = (
-    "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end", "on_pre_optimizer_step",
-    "on_optimizer_step", "on_step_end", "on_log", "on_evaluate", "on_prediction_step", "on_save", "on_epoch_end",
+    "on_train_begin",
+    "on_epoch_begin",
+    "on_step_begin",
+    "on_substep_end",
+    "on_pre_optimizer_step",
+    "on_optimizer_step",
+    "on_step_end",
+    "on_log",
+    "on_evaluate",
+    "on_prediction_step",
+    "on_save",
+    "on_epoch_end",
     "on_train_end",
 )
 
@@ -209,8 +221,12 @@ def build_trainer(spec: dict, callbacks: list):
     if spec.get("early_stopping"):
         callbacks = [transformers.EarlyStoppingCallback(**spec["early_stopping"])] + callbacks
     return lib.Trainer(
-        model=tiny_bert(), args=args, train_dataset=random_token_dataset(40, 1), eval_dataset=random_token_dataset(12, 2),
-        compute_metrics=accuracy, callbacks=callbacks,
+        model=tiny_bert(),
+        args=args,
+        train_dataset=random_token_dataset(40, 1),
+        eval_dataset=random_token_dataset(12, 2),
+        compute_metrics=accuracy,
+        callbacks=callbacks,
     )
 
 
@@ -293,8 +309,11 @@ class Server:
 
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env,
+            [sys.executable, os.path.abspath(__file__), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
 
     def start(self, spec: dict) -> int:

@@ -108,7 +108,11 @@ def digest(obj, prefix: str = "", local: bool = False) -> dict:
 def complete_state(trainer) -> dict:
     """The complete weights and optimizer state of a sharded run, gathered on every rank (collective)."""
     if trainer.is_fsdp_enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True)
         return {
@@ -174,14 +178,28 @@ DETERMINISTIC = False  # --deterministic (on a GPU): full_determinism, so that t
 def run(lib: str, output_dir: str, sharding: dict, train_size: int, resume_from: str | None = None) -> dict:
     trainer_cls, args_cls = classes(lib)
     args = args_cls(
-        output_dir=output_dir, report_to="none", disable_tqdm=True, seed=42, full_determinism=DETERMINISTIC,
+        output_dir=output_dir,
+        report_to="none",
+        disable_tqdm=True,
+        seed=42,
+        full_determinism=DETERMINISTIC,
         use_cpu="fsdp" in sharding and not torch.cuda.is_available(),  # (DeepSpeed needs use_cpu=False on CPUs too)
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2, max_grad_norm=0.5,
-        learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, logging_steps=1, save_strategy="steps",
-        save_steps=SAVE_STEP, **sharding,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        max_grad_norm=0.5,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_STEP,
+        **sharding,
     )
     snapshot = Snapshot()
-    trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=random_token_dataset(train_size, seed=1), callbacks=[snapshot])
+    trainer = trainer_cls(
+        model=tiny_bert(), args=args, train_dataset=random_token_dataset(train_size, seed=1), callbacks=[snapshot]
+    )
     snapshot.trainer = trainer
     with contextlib.redirect_stdout(io.StringIO()):
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -198,7 +216,9 @@ def run(lib: str, output_dir: str, sharding: dict, train_size: int, resume_from:
         "at_resume": snapshot.at_resume,
         "end": end,
         "checkpoint_files": files_under(checkpoint) if resume_from is None and os.path.isdir(checkpoint) else [],
-        "leftovers": sorted(n for n in os.listdir(output_dir) if n.startswith(".tmp")) if os.path.isdir(output_dir) else [],
+        "leftovers": sorted(n for n in os.listdir(output_dir) if n.startswith(".tmp"))
+        if os.path.isdir(output_dir)
+        else [],
     }
     if trainer.is_deepspeed_enabled:
         out["deepspeed_config"] = _jsonable(trainer.accelerator.deepspeed_config)
@@ -215,9 +235,15 @@ def sharded_runs(workdir: str, name: str, sharding: dict, train_size: int) -> di
     folder = lambda *parts: os.path.join(workdir, name, *parts)  # noqa: E731
     checkpoint = lambda lib: folder(lib, f"checkpoint-{SAVE_STEP}")  # noqa: E731
     results = {lib: run(lib, folder(lib), sharding, train_size) for lib in LIBS}
-    results["looptrain_from_looptrain"] = run("looptrain", folder("lt-lt"), sharding, train_size, checkpoint("looptrain"))
-    results["looptrain_from_transformers"] = run("looptrain", folder("lt-hf"), sharding, train_size, checkpoint("transformers"))
-    results["transformers_from_looptrain"] = run("transformers", folder("hf-lt"), sharding, train_size, checkpoint("looptrain"))
+    results["looptrain_from_looptrain"] = run(
+        "looptrain", folder("lt-lt"), sharding, train_size, checkpoint("looptrain")
+    )
+    results["looptrain_from_transformers"] = run(
+        "looptrain", folder("lt-hf"), sharding, train_size, checkpoint("transformers")
+    )
+    results["transformers_from_looptrain"] = run(
+        "transformers", folder("hf-lt"), sharding, train_size, checkpoint("looptrain")
+    )
     return results
 
 
@@ -225,8 +251,11 @@ def sharded_runs(workdir: str, name: str, sharding: dict, train_size: int) -> di
 def _plain(value):
     """A JSON-comparable description of a plugin field."""
     if isinstance(value, functools.partial):
-        return {"partial": _plain(value.func), "args": [_plain(a) for a in value.args],
-                "keywords": {k: _plain(v) for k, v in sorted(value.keywords.items())}}
+        return {
+            "partial": _plain(value.func),
+            "args": [_plain(a) for a in value.args],
+            "keywords": {k: _plain(v) for k, v in sorted(value.keywords.items())},
+        }
     if isinstance(value, (set, frozenset)):
         return sorted(_plain(v) for v in value)
     if isinstance(value, (list, tuple)):
@@ -261,15 +290,31 @@ FSDP_COMBINATIONS = {
     "string shard_grad_op offload": dict(fsdp="shard_grad_op offload"),
     "list full_shard offload auto_wrap": dict(fsdp=["full_shard", "offload", "auto_wrap"]),
     "transformer wrap, sharded state dict, activation checkpointing": dict(
-        fsdp=True, fsdp_config={"transformer_layer_cls_to_wrap": "BertLayer", "state_dict_type": "SHARDED_STATE_DICT",
-                                "activation_checkpointing": True, "reshard_after_forward": False}),
+        fsdp=True,
+        fsdp_config={
+            "transformer_layer_cls_to_wrap": "BertLayer",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": True,
+            "reshard_after_forward": False,
+        },
+    ),
     "size wrap, cpu_ram_efficient_loading": dict(
-        fsdp=True, fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 1000, "cpu_ram_efficient_loading": True}),
+        fsdp=True,
+        fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 1000, "cpu_ram_efficient_loading": True},
+    ),
     "fsdp_ prefixed keys from a JSON file": dict(fsdp=True, fsdp_config="FSDP_JSON"),
     "bf16": dict(fsdp=True, bf16=True, fsdp_config={"transformer_layer_cls_to_wrap": ["BertLayer"]}),
     "version 1, hybrid_shard, prefetch": dict(
-        fsdp="hybrid_shard auto_wrap", fsdp_config={"version": 1, "backward_prefetch": "backward_pre", "forward_prefetch": True,
-                                                    "use_orig_params": False, "sync_module_states": False, "limit_all_gathers": True}),
+        fsdp="hybrid_shard auto_wrap",
+        fsdp_config={
+            "version": 1,
+            "backward_prefetch": "backward_pre",
+            "forward_prefetch": True,
+            "use_orig_params": False,
+            "sync_module_states": False,
+            "limit_all_gathers": True,
+        },
+    ),
 }
 
 
@@ -278,8 +323,15 @@ def fsdp_plugins(workdir: str) -> dict:
     json_path = os.path.join(workdir, f"fsdp_config.rank{rank()}.json")
     os.makedirs(workdir, exist_ok=True)
     with open(json_path, "w") as f:
-        json.dump({"fsdp_transformer_layer_cls_to_wrap": ["BertLayer"], "fsdp_state_dict_type": "FULL_STATE_DICT",
-                   "fsdp_version": 2, "fsdp_activation_checkpointing": "true"}, f)
+        json.dump(
+            {
+                "fsdp_transformer_layer_cls_to_wrap": ["BertLayer"],
+                "fsdp_state_dict_type": "FULL_STATE_DICT",
+                "fsdp_version": 2,
+                "fsdp_activation_checkpointing": "true",
+            },
+            f,
+        )
     results = {}
     for name, kwargs in FSDP_COMBINATIONS.items():
         if kwargs.get("fsdp_config") == "FSDP_JSON":
@@ -288,7 +340,12 @@ def fsdp_plugins(workdir: str) -> dict:
         for lib in LIBS:
             trainer_cls, args_cls = classes(lib)
             with contextlib.redirect_stderr(io.StringIO()):  # the deprecation warnings of the string forms
-                args = args_cls(output_dir=os.path.join(workdir, "plugins"), report_to="none", use_cpu=True, **json.loads(json.dumps(kwargs)))
+                args = args_cls(
+                    output_dir=os.path.join(workdir, "plugins"),
+                    report_to="none",
+                    use_cpu=True,
+                    **json.loads(json.dumps(kwargs)),
+                )
             trainer = trainer_cls(model=tiny_bert(), args=args)
             results[name][lib] = describe_fsdp_plugin(trainer.accelerator.state.fsdp_plugin)
     results["accelerate config file (fsdp.yaml)"] = {}
@@ -297,7 +354,9 @@ def fsdp_plugins(workdir: str) -> dict:
             trainer_cls, args_cls = classes(lib)
             args = args_cls(output_dir=os.path.join(workdir, "plugins"), report_to="none", use_cpu=True)
             trainer = trainer_cls(model=tiny_bert(), args=args)
-            results["accelerate config file (fsdp.yaml)"][lib] = describe_fsdp_plugin(trainer.accelerator.state.fsdp_plugin)
+            results["accelerate config file (fsdp.yaml)"][lib] = describe_fsdp_plugin(
+                trainer.accelerator.state.fsdp_plugin
+            )
     return results
 
 
@@ -308,7 +367,9 @@ def config_file_environment(config_file: str, processes: int):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    parsed = launch_command_parser().parse_args(["--config_file", config_file, "--num_processes", str(processes), "x.py"])
+    parsed = launch_command_parser().parse_args(
+        ["--config_file", config_file, "--num_processes", str(processes), "x.py"]
+    )
     parsed, defaults, _ = _validate_launch_command(parsed)
     if parsed.use_deepspeed:
         # as accelerate's launch_command does before it prepares a DeepSpeed launch
@@ -319,7 +380,11 @@ def config_file_environment(config_file: str, processes: int):
         _, env = prepare_deepspeed_cmd_env(parsed)
     else:
         env = prepare_multi_gpu_env(parsed)
-    keep = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_")) and k not in ("ACCELERATE_DYNAMO_BACKEND",)}
+    keep = {
+        k: v
+        for k, v in env.items()
+        if k.startswith(("ACCELERATE_", "FSDP_")) and k not in ("ACCELERATE_DYNAMO_BACKEND",)
+    }
     saved = {k: os.environ.get(k) for k in keep}
     os.environ.update(keep)
     try:
@@ -335,31 +400,54 @@ def config_file_environment(config_file: str, processes: int):
 def deepspeed_configs(workdir: str) -> dict:
     """The DeepSpeed config each library hands accelerate from deepspeed_zero2.yaml's environment (no deepspeed=)."""
     results = {}
-    with config_file_environment(os.path.join(ROOT, "examples", "accelerate_configs", "deepspeed_zero2.yaml"), processes=1):
+    with config_file_environment(
+        os.path.join(ROOT, "examples", "accelerate_configs", "deepspeed_zero2.yaml"), processes=1
+    ):
         for lib in LIBS:
             trainer_cls, args_cls = classes(lib)
             # the file sets gradient_accumulation_steps 1 and gradient_clipping 1.0: the arguments must agree (Trainer
             # refuses a mismatch when it starts DeepSpeed); the batch size is "auto", filled in from the arguments
-            args = args_cls(output_dir=os.path.join(workdir, "plugins"), report_to="none", gradient_accumulation_steps=1,
-                            max_grad_norm=1.0, per_device_train_batch_size=4)
+            args = args_cls(
+                output_dir=os.path.join(workdir, "plugins"),
+                report_to="none",
+                gradient_accumulation_steps=1,
+                max_grad_norm=1.0,
+                per_device_train_batch_size=4,
+            )
             trainer = trainer_cls(model=tiny_bert(), args=args)
-            results[lib] = {"enabled": trainer.is_deepspeed_enabled,
-                            "config": _jsonable(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)}
+            results[lib] = {
+                "enabled": trainer.is_deepspeed_enabled,
+                "config": _jsonable(trainer.accelerator.state.deepspeed_plugin.deepspeed_config),
+            }
     return results
 
 
 # ------------------------------------------------------------------------------------------------ modes
 ZERO2 = {  # Trainer's optimizer and schedule, ZeRO-2 partitions them
     "zero_optimization": {"stage": 2},
-    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
 }
 ZERO3 = {  # DeepSpeed's own optimizer and schedule, filled in from the arguments; weights not gathered for saves
     "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False},
-    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
-                                                      "total_num_steps": "auto"}},
-    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
+    },
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": "auto",
+            "warmup_max_lr": "auto",
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+        },
+    },
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
 }
 
@@ -401,16 +489,27 @@ def checks(runs: dict) -> list[tuple[str, bool]]:
     for name in ("looptrain_from_looptrain", "looptrain_from_transformers", "transformers_from_looptrain"):
         resumed = runs[name]
         out += [
-            (f"{name}: optimizer state after loading == the state saved", resumed["at_resume"]["optimizer"] == lt["at_save"]["optimizer"]),
-            (f"{name}: weights after loading == the weights saved", resumed["at_resume"]["weights"] == lt["at_save"]["weights"]),
-            (f"{name}: losses after the resume == the uninterrupted run's",
-             [e for e in resumed["log"] if "loss" in e] == [e for e in lt["log"] if "loss" in e]),
+            (
+                f"{name}: optimizer state after loading == the state saved",
+                resumed["at_resume"]["optimizer"] == lt["at_save"]["optimizer"],
+            ),
+            (
+                f"{name}: weights after loading == the weights saved",
+                resumed["at_resume"]["weights"] == lt["at_save"]["weights"],
+            ),
+            (
+                f"{name}: losses after the resume == the uninterrupted run's",
+                [e for e in resumed["log"] if "loss" in e] == [e for e in lt["log"] if "loss" in e],
+            ),
             (f"{name}: final weights and optimizer state == the uninterrupted run's", resumed["end"] == lt["end"]),
         ]
     hf_files = {f for f in hf["checkpoint_files"] if f != "training_args.bin"}
     out += [
         ("looptrain's checkpoint holds every file of Trainer's", hf_files <= set(lt["checkpoint_files"])),
-        ("the optimizer state changed after the save (the comparison is not vacuous)", lt["end"]["optimizer"] != lt["at_save"]["optimizer"]),
+        (
+            "the optimizer state changed after the save (the comparison is not vacuous)",
+            lt["end"]["optimizer"] != lt["at_save"]["optimizer"],
+        ),
         ("no staging folder left behind", lt["leftovers"] == []),
     ]
     return out

@@ -40,12 +40,28 @@ def test_command_line_flags_are_transformers(tmp_path):
 
 
 def test_resolved_values_match_transformers(tmp_path):
-    kwargs = dict(eval_strategy="steps", logging_steps=10, load_best_model_at_end=True, save_steps=20,
-                  warmup_steps=0.1, use_cpu=True, include_num_input_tokens_seen=True, bf16=True, seed=3)
+    kwargs = dict(
+        eval_strategy="steps",
+        logging_steps=10,
+        load_best_model_at_end=True,
+        save_steps=20,
+        warmup_steps=0.1,
+        use_cpu=True,
+        include_num_input_tokens_seen=True,
+        bf16=True,
+        seed=3,
+    )
     lt = looptrain.TrainingArguments(output_dir=str(tmp_path), **kwargs)
     hf = transformers.TrainingArguments(output_dir=str(tmp_path), **kwargs)
     assert lt.to_dict() == hf.to_dict()
-    for prop in ("train_batch_size", "eval_batch_size", "world_size", "process_index", "should_save", "mixed_precision"):
+    for prop in (
+        "train_batch_size",
+        "eval_batch_size",
+        "world_size",
+        "process_index",
+        "should_save",
+        "mixed_precision",
+    ):
         assert getattr(lt, prop) == getattr(hf, prop), prop
     assert lt.get_warmup_steps(25) == hf.get_warmup_steps(25) == 3
 
@@ -113,8 +129,15 @@ def test_transformers_arguments_are_used_as_they_are(tmp_path):
     class MyArgs(transformers.Seq2SeqTrainingArguments):
         pass
 
-    hf = MyArgs(output_dir=str(tmp_path), learning_rate=1e-3, eval_strategy="epoch", use_cpu=True,
-                gradient_accumulation_steps=3, predict_with_generate=True, debug="underflow_overflow")
+    hf = MyArgs(
+        output_dir=str(tmp_path),
+        learning_rate=1e-3,
+        eval_strategy="epoch",
+        use_cpu=True,
+        gradient_accumulation_steps=3,
+        predict_with_generate=True,
+        debug="underflow_overflow",
+    )
     trainer = looptrain.Trainer(tiny_bert(), hf, eval_dataset=random_token_dataset(4, 0))
     assert trainer.args is hf and trainer.args.debug == hf.debug and trainer.args.sortish_sampler is False
 

@@ -36,8 +36,16 @@ def test_quick_mode_prints_the_table():
     sections = "overhead,real,startup,evalmem" if has_real else "overhead,startup,evalmem"
     table = run_bench("--quick", "--sections", sections)
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    expected = ["1. overhead", "1. overhead, looptrain with its fast paths off", "1. final weights", "3. time to first step", "4. evaluate() peak RSS MB, default",
-                "4. evaluate() peak RSS MB, streaming", "4. evaluate() memory growth", "4. evaluate() s"]
+    expected = [
+        "1. overhead",
+        "1. overhead, looptrain with its fast paths off",
+        "1. final weights",
+        "3. time to first step",
+        "4. evaluate() peak RSS MB, default",
+        "4. evaluate() peak RSS MB, streaming",
+        "4. evaluate() memory growth",
+        "4. evaluate() s",
+    ]
     if has_real:
         expected += ["2. real run: CPU s", "2. real run: eval loss"]
     for name in expected:
@@ -56,8 +64,16 @@ def test_gpu_mode_code_path_runs_on_cpu():
     table = run_bench("--gpu", "--quick")
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     for item in ("5a.", "5b."):
-        for figure in ("wall ms per step", "samples per second", "CPU ms per step", "host syncs per step", "final weights"):
-            assert any(row.startswith(f"| {item}") and figure in row for row in rows), f"no {item} {figure!r} row:\n{table}"
+        for figure in (
+            "wall ms per step",
+            "samples per second",
+            "CPU ms per step",
+            "host syncs per step",
+            "final weights",
+        ):
+            assert any(row.startswith(f"| {item}") and figure in row for row in rows), (
+                f"no {item} {figure!r} row:\n{table}"
+            )
         syncs = next(row for row in rows if row.startswith(f"| {item}") and "host syncs" in row)
         assert syncs.rstrip(" |").endswith("**yes**"), syncs  # looptrain: 0 per step between logs
         weights = next(row for row in rows if row.startswith(f"| {item}") and "final weights" in row)
@@ -74,8 +90,12 @@ def test_gpu_mode_refuses_to_run_without_a_gpu():
 # ------------------------------------------------------------------------------------------------ the container
 def _batch(rng, shape, vary, nest, dtype, i):
     bs, width = rng.choice([1, 3, 4]), (rng.choice([5, 7]) if vary else 6)
-    t = {"0d": lambda: torch.tensor(float(i)), "1d": lambda: torch.randn(bs),
-         "2d": lambda: torch.randint(0, 9, (bs, width)), "3d": lambda: torch.randn(bs, width, 3)}[shape]().to(dtype)
+    t = {
+        "0d": lambda: torch.tensor(float(i)),
+        "1d": lambda: torch.randn(bs),
+        "2d": lambda: torch.randint(0, 9, (bs, width)),
+        "3d": lambda: torch.randn(bs, width, 3),
+    }[shape]().to(dtype)
     if nest == "tuple":
         return (t, t * 2)
     if nest == "dict":
@@ -86,7 +106,7 @@ def _batch(rng, shape, vary, nest, dtype, i):
 def _assert_same(a, b):
     if isinstance(a, (list, tuple, dict)):
         assert type(a) is type(b) and len(a) == len(b)
-        for x, y in (zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b)):
+        for x, y in zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b):
             _assert_same(x, y)
         return
     assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape

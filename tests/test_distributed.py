@@ -42,8 +42,16 @@ def accelerate_launch_cmd(port: int) -> list[str]:
     (`--cpu --num_processes 2` would start one process: accelerate 1.15's CPU launcher needs mpirun.)"""
     # The `accelerate` command of this interpreter, as a module: make test's .venv-test takes accelerate from .venv
     # (a .pth file), so it has no `accelerate` script of its own, and the launched processes run on sys.executable.
-    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", DDP_CONFIG,
-            "--main_process_port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--config_file",
+        DDP_CONFIG,
+        "--main_process_port",
+        str(port),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +149,9 @@ def test_resume_restores_each_ranks_rng(two_process):
         assert resumed["weights"]["sha1"] == full["weights"]["sha1"], lib
         # the resumed run's log continues the full run's (the summary's train_loss covers fewer steps)
         assert [e for e in resumed["log"] if "loss" in e] == [e for e in full["log"] if "loss" in e]
-    assert_same_run(two_process[0]["resume"]["transformers"]["resumed"], two_process[0]["resume"]["looptrain"]["resumed"])
+    assert_same_run(
+        two_process[0]["resume"]["transformers"]["resumed"], two_process[0]["resume"]["looptrain"]["resumed"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -183,7 +193,9 @@ def test_eval_set_not_dividing_the_global_batch(two_process, one_process, varian
             else:
                 assert two["predictions"][i] == one["predictions"][i], i
         # eval_loss: float32 mean of [scale x batch mean] repeated per slot, cut to n (gather_for_metrics)
-        per_slot = np.array([np.float32(b["loss"]) * scale for b in sharded for _ in b["indices"]], dtype=np.float32)[:n]
+        per_slot = np.array([np.float32(b["loss"]) * scale for b in sharded for _ in b["indices"]], dtype=np.float32)[
+            :n
+        ]
         assert two["metrics"]["eval_loss"] == per_slot.mean().item()
         assert two["test_loss"] == two["metrics"]["eval_loss"]
         if n == 12:  # no padded example: only Trainer's num_processes factor remains, and it is exact
@@ -194,7 +206,11 @@ def test_eval_set_not_dividing_the_global_batch(two_process, one_process, varian
     # and looptrain equals Trainer on both process counts
     for results in (one_process, two_process[0]["evalsize"]):
         hf, lt = results["transformers"][key], results["looptrain"][key]
-        assert hf["metrics"] == lt["metrics"] and hf["predictions"] == lt["predictions"] and hf["test_loss"] == lt["test_loss"]
+        assert (
+            hf["metrics"] == lt["metrics"]
+            and hf["predictions"] == lt["predictions"]
+            and hf["test_loss"] == lt["test_loss"]
+        )
     assert single["metrics"]["eval_num_predictions"] == n
 
 

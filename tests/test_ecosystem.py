@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,10 +38,20 @@ LIBRARIES = ["trl", "sentence_transformers", "setfit", "peft"]
 
 
 def looptrain_cli(*args, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "looptrain", *map(str, args)], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "looptrain", *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def summary(out: subprocess.CompletedProcess) -> dict:
@@ -168,12 +177,33 @@ def test_run_under_accelerate_launch_on_two_processes(tmp_path):
     """`accelerate launch ... -m looptrain run SCRIPT`: every process runs the script on looptrain's loop (DDP over
     gloo on CPU, as tests/test_distributed.py launches)."""
     (tmp_path / "dist.py").write_text(textwrap.dedent(DIST_SCRIPT.format(tests=str(HERE))))
-    launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]  # make test's venv has no `accelerate` script
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+    ]  # make test's venv has no `accelerate` script
     config = ROOT / "examples" / "accelerate_configs" / "ddp.yaml"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    out = subprocess.run([*launcher, "launch", "--config_file", str(config), "--main_process_port", str(_free_port()),
-                          "-m", "looptrain", "run", str(tmp_path / "dist.py"), str(tmp_path / "out")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            *launcher,
+            "launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "looptrain",
+            "run",
+            str(tmp_path / "dist.py"),
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["loop"] == "looptrain.trainer" and r["world"] == 2 for r in ranks)
@@ -211,7 +241,12 @@ def test_compare_an_unchanged_trainer_script_is_identical(tmp_path, compare_scri
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("here before both runs\n")
     counts = summary(looptrain_cli("compare", "--max-steps", "2", compare_script, tmp_path / "out", "same"))
-    assert counts == {"trainers": 1, "logs": 3, "tensors": counts["tensors"], "files": counts["files"]}  # 2 steps + summary
+    assert counts == {
+        "trainers": 1,
+        "logs": 3,
+        "tensors": counts["tensors"],
+        "files": counts["files"],
+    }  # 2 steps + summary
     assert counts["files"] >= 5  # checkpoint-2's files, the note
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == ["checkpoint-2", "notes.txt"]  # the looptrain run's folder, with the file it started from
@@ -220,8 +255,10 @@ def test_compare_an_unchanged_trainer_script_is_identical(tmp_path, compare_scri
 def test_compare_reports_the_first_difference(tmp_path, compare_script):
     out = looptrain_cli("compare", compare_script, tmp_path / "out", "differ")
     assert out.returncode == 1, out.stdout + out.stderr[-3000:]
-    assert "different: trainer 1 (Trainer), log_history[0] (step 1): learning_rate: transformers 0.001, looptrain 0.002" \
+    assert (
+        "different: trainer 1 (Trainer), log_history[0] (step 1): learning_rate: transformers 0.001, looptrain 0.002"
         in out.stdout
+    )
 
 
 def test_compare_reports_a_failed_run(tmp_path, compare_script):
@@ -279,10 +316,19 @@ def _assigned(*sources: str) -> set[str]:
     found = set()
     for source in sources:
         for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and getattr(node.value, "id", None) == "self":
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and getattr(node.value, "id", None) == "self"
+            ):
                 found.add(node.attr)
-            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and len(node.args) > 1
-                  and getattr(node.args[0], "id", None) == "self" and isinstance(node.args[1], ast.Constant)):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setattr"
+                and len(node.args) > 1
+                and getattr(node.args[0], "id", None) == "self"
+                and isinstance(node.args[1], ast.Constant)
+            ):
                 found.add(node.args[1].value)
     return found
 
@@ -298,11 +344,31 @@ TOUCHED = sorted(n for n in USED if n in TRAINERS_OWN and (not n.startswith("__"
 
 def test_the_enumeration_reads_the_installed_libraries():
     names = {name for _, name in CLASSES}
-    assert {"SFTTrainer", "DPOTrainer", "RewardTrainer", "GRPOTrainer", "SentenceTransformerTrainer",
-            "CrossEncoderTrainer", "SparseEncoderTrainer", "BCSentenceTransformersTrainer"} <= names
-    assert {"_get_train_sampler", "_prepare_inputs", "_save_checkpoint", "_load_from_checkpoint", "_save", "log",
-            "compute_loss", "_maybe_log_save_evaluate", "create_model_card", "_set_signature_columns_if_needed",
-            "_remove_unused_columns", "accelerator", "_signature_columns"} <= set(TOUCHED)
+    assert {
+        "SFTTrainer",
+        "DPOTrainer",
+        "RewardTrainer",
+        "GRPOTrainer",
+        "SentenceTransformerTrainer",
+        "CrossEncoderTrainer",
+        "SparseEncoderTrainer",
+        "BCSentenceTransformersTrainer",
+    } <= names
+    assert {
+        "_get_train_sampler",
+        "_prepare_inputs",
+        "_save_checkpoint",
+        "_load_from_checkpoint",
+        "_save",
+        "log",
+        "compute_loss",
+        "_maybe_log_save_evaluate",
+        "create_model_card",
+        "_set_signature_columns_if_needed",
+        "_remove_unused_columns",
+        "accelerator",
+        "_signature_columns",
+    } <= set(TOUCHED)
 
 
 @pytest.mark.parametrize("name", TOUCHED)
@@ -314,12 +380,15 @@ def test_every_trainer_member_a_library_touches_is_looptrains(name):
     if inspect.isfunction(theirs) or isinstance(theirs, staticmethod):
         assert name not in NOT_CALLED, f"{name} (used by {users}) is never called by looptrain"
         assert hasattr(looptrain.Trainer, name), f"looptrain.Trainer has no {name} (used by {users})"
-        ours_sig, theirs_sig = inspect.signature(getattr(looptrain.Trainer, name)), inspect.signature(getattr(transformers.Trainer, name))
+        ours_sig, theirs_sig = (
+            inspect.signature(getattr(looptrain.Trainer, name)),
+            inspect.signature(getattr(transformers.Trainer, name)),
+        )
         assert list(ours_sig.parameters)[: len(theirs_sig.parameters)] == list(theirs_sig.parameters), name
         for p in theirs_sig.parameters.values():
             assert ours_sig.parameters[p.name].default == p.default, f"{name}({p.name}=...)"
             assert ours_sig.parameters[p.name].kind == p.kind, f"{name}({p.name}) kind"
-        extra = list(ours_sig.parameters)[len(theirs_sig.parameters):]
+        extra = list(ours_sig.parameters)[len(theirs_sig.parameters) :]
         assert all(ours_sig.parameters[e].kind == inspect.Parameter.KEYWORD_ONLY for e in extra), f"{name}: {extra}"
     else:
         assert hasattr(looptrain.Trainer, name) or name in LOOPTRAIN_ASSIGNED, (

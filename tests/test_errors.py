@@ -11,7 +11,7 @@ import transformers
 from datasets import Dataset
 
 import looptrain
-from helpers import accuracy, random_token_dataset, tiny_bert, make_args
+from helpers import accuracy, make_args, random_token_dataset, tiny_bert
 
 
 def _args(tmp_path, **kwargs):
@@ -35,7 +35,9 @@ def test_label_advice_works_when_followed(tmp_path):
         looptrain.Trainer(tiny_bert(), _args(tmp_path / "a", max_steps=1), train_dataset=train).train()
     assert "label_names=" not in str(err.value)  # label_names would not help: BERT's forward takes `labels`
     fixed = train.rename_column("sentiment", "label")
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path / "b", max_steps=1, save_strategy="no"), train_dataset=fixed)
+    trainer = looptrain.Trainer(
+        tiny_bert(), _args(tmp_path / "b", max_steps=1, save_strategy="no"), train_dataset=fixed
+    )
     assert trainer.train().global_step == 1
 
 
@@ -45,8 +47,9 @@ def test_no_labels_is_fine_with_a_loss_function(tmp_path):
     def loss_func(outputs, labels, num_items_in_batch=None):
         return outputs["logits"].pow(2).mean()
 
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=2, save_strategy="no"),
-                                train_dataset=train, compute_loss_func=loss_func)
+    trainer = looptrain.Trainer(
+        tiny_bert(), _args(tmp_path, max_steps=2, save_strategy="no"), train_dataset=train, compute_loss_func=loss_func
+    )
     assert trainer.train().global_step == 2
 
 
@@ -61,15 +64,25 @@ def test_collator_needs_a_removed_column(tmp_path):
     def collate_from_text(features):
         ids = [[5 + len(word) for word in f["text"].split()] + [0] * 4 for f in features]
         width = min(len(i) for i in ids)
-        return {"input_ids": torch.tensor([i[:width] for i in ids]), "labels": torch.tensor([f["label"] for f in features])}
+        return {
+            "input_ids": torch.tensor([i[:width] for i in ids]),
+            "labels": torch.tensor([f["label"] for f in features]),
+        }
 
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=1), train_dataset=random_token_dataset(8, 0),
-                                data_collator=collate_from_text)
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path, max_steps=1),
+        train_dataset=random_token_dataset(8, 0),
+        data_collator=collate_from_text,
+    )
     with pytest.raises(KeyError, match="'text'.*remove_unused_columns=False"):
         trainer.train()
-    ok = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=1, remove_unused_columns=False, save_strategy="no"),
-                           train_dataset=random_token_dataset(8, 0).remove_columns(["input_ids", "attention_mask", "idx"]),
-                           data_collator=collate_from_text)
+    ok = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path, max_steps=1, remove_unused_columns=False, save_strategy="no"),
+        train_dataset=random_token_dataset(8, 0).remove_columns(["input_ids", "attention_mask", "idx"]),
+        data_collator=collate_from_text,
+    )
     assert ok.train().global_step == 1
 
 
@@ -77,8 +90,12 @@ def test_label_names_missing_from_eval_batch(tmp_path, caplog):
     """Trainer silently returns no metric when the labels are not in the batch; looptrain does the same (it is a
     valid setup: an eval set without labels) and says why compute_metrics was not called."""
     evals = random_token_dataset(8, 1).rename_column("label", "target")
-    hf = transformers.Trainer(tiny_bert(), transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True),
-                              eval_dataset=evals, compute_metrics=accuracy)
+    hf = transformers.Trainer(
+        tiny_bert(),
+        transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True),
+        eval_dataset=evals,
+        compute_metrics=accuracy,
+    )
     hf_metrics = hf.evaluate()
     assert "eval_accuracy" not in hf_metrics  # the silent failure
     trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), eval_dataset=evals, compute_metrics=accuracy)
@@ -89,7 +106,9 @@ def test_label_names_missing_from_eval_batch(tmp_path, caplog):
         finally:
             transformers.logging.disable_propagation()
     assert sorted(metrics) == sorted(hf_metrics)
-    assert "compute_metrics was not called" in caplog.text and "['labels']" in caplog.text and "label_names" in caplog.text
+    assert (
+        "compute_metrics was not called" in caplog.text and "['labels']" in caplog.text and "label_names" in caplog.text
+    )
 
 
 def test_empty_datasets_fail_where_they_are_used(tmp_path):
@@ -113,8 +132,12 @@ def test_no_model(tmp_path):
 
 def test_no_column_matches_the_model(tmp_path):
     train = Dataset.from_dict({"sentence": ["a b", "c d"], "label": [0, 1]}).remove_columns(["label"])
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=train,
-                                compute_loss_func=lambda o, l, num_items_in_batch=None: o["logits"].sum())
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path),
+        train_dataset=train,
+        compute_loss_func=lambda o, l, num_items_in_batch=None: o["logits"].sum(),
+    )
     with pytest.raises(ValueError, match="No column.*remove_unused_columns"):
         trainer.train()
 
@@ -146,8 +169,10 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path, caplog):
     finally:
         transformers.logging.disable_propagation()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
-    assert lines == [f"Resuming from {tmp_path / 'checkpoint-2'} at step 2, epoch 0: skipping the 2 batches of that "
-                     "epoch already trained on."]
+    assert lines == [
+        f"Resuming from {tmp_path / 'checkpoint-2'} at step 2, epoch 0: skipping the 2 batches of that "
+        "epoch already trained on."
+    ]
 
 
 def test_the_column_checking_collator_pickles(tmp_path):

@@ -35,7 +35,6 @@ import trl_style  # noqa: E402
 import weighted_loss  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: one intra-op thread is as fast, and several spin for nothing when other
@@ -49,8 +48,14 @@ def one_thread():
 TOKENIZER = toy.toy_tokenizer()
 TRAIN = toy.toy_sentiment(24, seed=1, tokenizer=TOKENIZER)  # 3 batches of 8
 EVAL = toy.toy_sentiment(8, seed=2, tokenizer=TOKENIZER)
-BASE = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1,
-            seed=42, save_strategy="no")
+BASE = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    num_train_epochs=2,
+    logging_steps=1,
+    seed=42,
+    save_strategy="no",
+)
 TOKENIZED = dict(processing_class=TOKENIZER)
 
 
@@ -74,8 +79,15 @@ def a_batch(n=6):
 # ----------------------------------------------------------------------------------- class-weighted loss
 def test_weighted_loss_parity(tmp_path):
     args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch"}
-    hf, lt = run_both(tmp_path, bert, TRAIN, EVAL, args=args, trainer_kwargs={**TOKENIZED, "class_weights": [1.0, 6.0]},
-                      **both(weighted_loss.weighted_trainer_class))
+    hf, lt = run_both(
+        tmp_path,
+        bert,
+        TRAIN,
+        EVAL,
+        args=args,
+        trainer_kwargs={**TOKENIZED, "class_weights": [1.0, 6.0]},
+        **both(weighted_loss.weighted_trainer_class),
+    )
     assert_parity(hf, lt)
     # loss_is_scaled_for_ga=False: a window of two batch means is divided by 2, so the first logged loss is
     # about ln 2, not the 2 ln 2 Trainer logs for BERT by default (transformers#47688).
@@ -83,9 +95,16 @@ def test_weighted_loss_parity(tmp_path):
 
 
 def test_weighted_loss_is_the_weighted_cross_entropy(tmp_path):
-    trainer, _ = run_trainer(weighted_loss.weighted_trainer_class(looptrain.Trainer), looptrain.TrainingArguments,
-                             bert, tmp_path, TRAIN, args=BASE, trainer_kwargs={**TOKENIZED, "class_weights": [1.0, 6.0]},
-                             do_train=False)
+    trainer, _ = run_trainer(
+        weighted_loss.weighted_trainer_class(looptrain.Trainer),
+        looptrain.TrainingArguments,
+        bert,
+        tmp_path,
+        TRAIN,
+        args=BASE,
+        trainer_kwargs={**TOKENIZED, "class_weights": [1.0, 6.0]},
+        do_train=False,
+    )
     model, batch = trainer.model.eval(), a_batch()
     loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
     assert "labels" in batch  # the caller's batch is not changed
@@ -103,15 +122,18 @@ def test_weighted_loss_is_the_weighted_cross_entropy(tmp_path):
 # ----------------------------------------------------------------------------------- optimizer and schedule
 def test_custom_optimizer_and_scheduler(tmp_path):
     args = {**BASE, "warmup_steps": 2, "weight_decay": 0.01, "learning_rate": 1e-3}
-    hf, lt = run_both(tmp_path, bert, TRAIN, args=args, trainer_kwargs=TOKENIZED,
-                      **both(custom_optimizer.layerwise_trainer_class))
+    hf, lt = run_both(
+        tmp_path, bert, TRAIN, args=args, trainer_kwargs=TOKENIZED, **both(custom_optimizer.layerwise_trainer_class)
+    )
     assert_parity(hf, lt)
     trainer = lt[0]
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert type(optimizer) is torch.optim.AdamW
     # Every trainable parameter in exactly one group; the head's group first; lr halves per block down.
     grouped = [p for g in optimizer.param_groups for p in g["params"]]
-    assert len(grouped) == len({id(p) for p in grouped}) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    assert (
+        len(grouped) == len({id(p) for p in grouped}) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    )
     initial = sorted({g["initial_lr"] for g in optimizer.param_groups}, reverse=True)
     assert optimizer.param_groups[0]["initial_lr"] == 1e-3
     assert initial == [1e-3 * 0.5**k for k in range(4)]  # head, block 1, block 0, embeddings
@@ -138,8 +160,11 @@ class RecordsBatches:
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-@pytest.mark.parametrize("mixin", [custom_sampler.ShortestFirstMixin, custom_sampler.ShortestFirstLoaderMixin],
-                         ids=["_get_train_sampler", "get_train_dataloader"])
+@pytest.mark.parametrize(
+    "mixin",
+    [custom_sampler.ShortestFirstMixin, custom_sampler.ShortestFirstLoaderMixin],
+    ids=["_get_train_sampler", "get_train_dataloader"],
+)
 def test_custom_sampler_order(tmp_path, mixin):
     factory = lambda base: type("Recording", (RecordsBatches, mixin, base), {})  # noqa: E731
     hf, lt = run_both(tmp_path, bert, TRAIN, args=BASE, trainer_kwargs=TOKENIZED, **both(factory))
@@ -163,8 +188,10 @@ def test_custom_sampler_order(tmp_path, mixin):
 def test_csv_logger_callback(tmp_path):
     args = {**BASE, "eval_strategy": "epoch", "logging_steps": 2}
     runs = {}
-    for name, trainer_cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
-                                        ("lt", looptrain.Trainer, looptrain.TrainingArguments)):
+    for name, trainer_cls, args_cls in (
+        ("hf", transformers.Trainer, transformers.TrainingArguments),
+        ("lt", looptrain.Trainer, looptrain.TrainingArguments),
+    ):
         callback = csv_logger.CsvLoggerCallback("metrics/log.csv")
         kwargs = {**TOKENIZED, "callbacks": [callback]}
         runs[name] = run_trainer(trainer_cls, args_cls, bert, tmp_path / name, TRAIN, EVAL, args, kwargs)
@@ -199,8 +226,15 @@ def test_distillation_parity_and_teacher_untouched(tmp_path):
     args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch"}
     kwargs = {**TOKENIZED, "teacher_model": teacher_model, "temperature": 2.0, "alpha": 0.5}
     student = lambda: toy.tiny_bert(len(TOKENIZER), layers=1)  # noqa: E731
-    hf, lt = run_both(tmp_path, student, TRAIN, EVAL, args=args, trainer_kwargs=kwargs,
-                      **both(distillation.distillation_trainer_class))
+    hf, lt = run_both(
+        tmp_path,
+        student,
+        TRAIN,
+        EVAL,
+        args=args,
+        trainer_kwargs=kwargs,
+        **both(distillation.distillation_trainer_class),
+    )
     assert_parity(hf, lt)
     after = params_of(teacher_model)
     assert all(torch.equal(before[n], after[n]) for n in before) and not teacher_model.training
@@ -210,8 +244,16 @@ def test_distillation_parity_and_teacher_untouched(tmp_path):
 
 def test_distillation_loss_includes_the_kl_term(tmp_path):
     cls = distillation.distillation_trainer_class(looptrain.Trainer)
-    trainer, _ = run_trainer(cls, looptrain.TrainingArguments, bert, tmp_path, TRAIN, args=BASE, do_train=False,
-                             trainer_kwargs={**TOKENIZED, "teacher_model": teacher(), "temperature": 2.0, "alpha": 0.3})
+    trainer, _ = run_trainer(
+        cls,
+        looptrain.TrainingArguments,
+        bert,
+        tmp_path,
+        TRAIN,
+        args=BASE,
+        do_train=False,
+        trainer_kwargs={**TOKENIZED, "teacher_model": teacher(), "temperature": 2.0, "alpha": 0.3},
+    )
     model, batch = trainer.model.eval(), a_batch()
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
@@ -246,8 +288,14 @@ class RecordsItems:
 
 
 def test_trl_style_parity_and_num_items(tmp_path):
-    args = {**BASE, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "eval_strategy": "epoch",
-            "per_device_eval_batch_size": 4, "logging_steps": 2}
+    args = {
+        **BASE,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "eval_strategy": "epoch",
+        "per_device_eval_batch_size": 4,
+        "logging_steps": 2,
+    }
     factory = lambda base: type("Recording", (RecordsItems, trl_style.TokenLevelLossMixin, base), {})  # noqa: E731
     hf, lt = run_both(tmp_path, toy.tiny_gpt2, LM_TRAIN, LM_EVAL, args=args, trainer_kwargs=LM_KWARGS, **both(factory))
     assert_parity(hf, lt)
@@ -263,13 +311,24 @@ def test_trl_style_parity_and_num_items(tmp_path):
 
 def test_trl_style_loss_divides_by_num_items(tmp_path):
     cls = trl_style.token_level_trainer_class(looptrain.Trainer)
-    trainer, _ = run_trainer(cls, looptrain.TrainingArguments, toy.tiny_gpt2, tmp_path, LM_TRAIN, args=BASE,
-                             trainer_kwargs=LM_KWARGS, do_train=False)
+    trainer, _ = run_trainer(
+        cls,
+        looptrain.TrainingArguments,
+        toy.tiny_gpt2,
+        tmp_path,
+        LM_TRAIN,
+        args=BASE,
+        trainer_kwargs=LM_KWARGS,
+        do_train=False,
+    )
     model, batch = trainer.model.eval(), toy.pad_for_causal_lm([LM_TRAIN[i] for i in range(4)])
     with torch.no_grad():
-        token_sum, tokens, _ = trl_style.token_loss_sum_and_counts(model(input_ids=batch["input_ids"]).logits,
-                                                                   batch["labels"])
-        assert torch.allclose(trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(100.0)), token_sum / 100)
+        token_sum, tokens, _ = trl_style.token_loss_sum_and_counts(
+            model(input_ids=batch["input_ids"]).logits, batch["labels"]
+        )
+        assert torch.allclose(
+            trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(100.0)), token_sum / 100
+        )
         assert torch.allclose(trainer.compute_loss(model, batch), token_sum / tokens)  # no count: the batch mean
         assert torch.allclose(trainer.compute_loss(model, batch), model(**batch).loss, atol=1e-6)
 
@@ -281,10 +340,24 @@ def test_trl_style_gradient_accumulation_matches_one_big_batch(tmp_path):
     no_dropout = lambda: toy.tiny_gpt2(dropout=0.0)  # noqa: E731
     runs = []
     for batch_size, ga in ((8, 1), (4, 2)):
-        args = {**BASE, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": ga, "max_grad_norm": 0.0}
+        args = {
+            **BASE,
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": ga,
+            "max_grad_norm": 0.0,
+        }
         kwargs = {**LM_KWARGS, "optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.5})}
-        runs.append(run_trainer(cls, looptrain.TrainingArguments, no_dropout, tmp_path / f"ga{ga}", LM_TRAIN,
-                                args=args, trainer_kwargs=kwargs)[0])
+        runs.append(
+            run_trainer(
+                cls,
+                looptrain.TrainingArguments,
+                no_dropout,
+                tmp_path / f"ga{ga}",
+                LM_TRAIN,
+                args=args,
+                trainer_kwargs=kwargs,
+            )[0]
+        )
     losses = [[e["loss"] for e in r.state.log_history if "loss" in e] for r in runs]
     assert len(losses[0]) == len(losses[1]) == 4
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-6
@@ -294,8 +367,11 @@ def test_trl_style_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- the scripts
-@pytest.mark.parametrize("recipe", [weighted_loss, custom_optimizer, custom_sampler, csv_logger, distillation, trl_style],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "recipe",
+    [weighted_loss, custom_optimizer, custom_sampler, csv_logger, distillation, trl_style],
+    ids=lambda m: m.__name__,
+)
 def test_recipe_main_runs(tmp_path, capsys, recipe):
     """`python examples/<recipe>.py --max_steps 2`; the tests above run each recipe's body on both libraries."""
     trainer = recipe.main(["--output_dir", str(tmp_path), "--max_steps", "2"])

@@ -19,8 +19,8 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 import looptrain
-from looptrain import fastpath
 from helpers import accuracy, assert_parity, random_token_dataset, run_both, run_trainer, tiny_bert
+from looptrain import fastpath
 
 TRAIN, EVAL = random_token_dataset(40, 1), random_token_dataset(12, 2)
 BASE = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42)
@@ -29,10 +29,12 @@ CASES = {
     "ga2_eval_epoch": dict(gradient_accumulation_steps=2, eval_strategy="epoch"),
     "no_clipping_norm_still_logged": dict(max_grad_norm=0.0),
     "unfused_adamw_clipping_decay": dict(optim="adamw_torch", weight_decay=0.1, max_grad_norm=0.05),
-    "eval_steps_on_start_save": dict(eval_strategy="steps", eval_steps=2, eval_on_start=True, save_strategy="steps",
-                                     save_steps=3),
-    "label_smoothing_ga3_tokens_seen": dict(label_smoothing_factor=0.1, gradient_accumulation_steps=3,
-                                            include_num_input_tokens_seen=True),
+    "eval_steps_on_start_save": dict(
+        eval_strategy="steps", eval_steps=2, eval_on_start=True, save_strategy="steps", save_steps=3
+    ),
+    "label_smoothing_ga3_tokens_seen": dict(
+        label_smoothing_factor=0.1, gradient_accumulation_steps=3, include_num_input_tokens_seen=True
+    ),
 }
 
 
@@ -82,12 +84,22 @@ def test_parity_with_the_savings_on_and_off(tmp_path, case):
 
 
 def test_savings_are_taken_when_on_and_not_when_off(tmp_path):
-    args = dict(BASE, gradient_accumulation_steps=2, eval_strategy="epoch")  # 5 micro-batches, 3 optimizer steps an epoch
+    args = dict(
+        BASE, gradient_accumulation_steps=2, eval_strategy="epoch"
+    )  # 5 micro-batches, 3 optimizer steps an epoch
     counts = {}
     for name, cls in (("fast", looptrain.Trainer), ("plain", Plain)):
         with counting_plain_calls() as counts[name]:
-            run_trainer(cls, looptrain.TrainingArguments, tiny_bert, tmp_path / name, TRAIN, EVAL, args,
-                        dict(compute_metrics=accuracy))
+            run_trainer(
+                cls,
+                looptrain.TrainingArguments,
+                tiny_bert,
+                tmp_path / name,
+                TRAIN,
+                EVAL,
+                args,
+                dict(compute_metrics=accuracy),
+            )
     fast, plain = counts["fast"], counts["plain"]
     assert plain["backward"] == 10 and plain["clip"] == 6 and plain["optimizer_step"] == 6
     assert plain["base_callback"] > 0 and plain["train"] == 10 * 51  # the tree of 51 modules, per micro-batch
@@ -125,7 +137,9 @@ def test_mode_switched_by_a_callback_and_a_custom_train_are_honoured(tmp_path):
     CountingDropout.calls = 0
     hf, lt = run_both(tmp_path / "custom", bert_with_custom_train, TRAIN, args=args)
     assert_parity(hf, lt)
-    assert CountingDropout.calls == 2 * 10  # once per micro-batch in each library: a train() of its own is never skipped
+    assert (
+        CountingDropout.calls == 2 * 10
+    )  # once per micro-batch in each library: a train() of its own is never skipped
 
 
 def test_a_patched_accelerator_or_optimizer_is_called(tmp_path):
@@ -154,8 +168,11 @@ def test_the_skipped_callback_methods_are_empty():
     """A callback is skipped only where its method is TrainerCallback's own: check that those do nothing."""
     for name, fn in fastpath._BASE_EVENTS.items():
         body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
-        assert all(isinstance(node, (ast.Expr, ast.Pass)) and (isinstance(node, ast.Pass) or isinstance(node.value, ast.Constant))
-                   for node in body), name
+        assert all(
+            isinstance(node, (ast.Expr, ast.Pass))
+            and (isinstance(node, ast.Pass) or isinstance(node.value, ast.Constant))
+            for node in body
+        ), name
 
 
 def test_the_handler_calls_every_listening_callback(tmp_path):
@@ -167,8 +184,15 @@ def test_the_handler_calls_every_listening_callback(tmp_path):
 
     on_instance = transformers.TrainerCallback()
     on_instance.on_optimizer_step = lambda args, state, control, **kwargs: seen.append("instance")
-    run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN,
-                args=dict(BASE, num_train_epochs=1), trainer_kwargs=dict(callbacks=[Listening(), on_instance]))
+    run_trainer(
+        looptrain.Trainer,
+        looptrain.TrainingArguments,
+        tiny_bert,
+        tmp_path,
+        TRAIN,
+        args=dict(BASE, num_train_epochs=1),
+        trainer_kwargs=dict(callbacks=[Listening(), on_instance]),
+    )
     assert seen.count("class") == 5 and seen.count("instance") == 5
 
 
@@ -180,20 +204,34 @@ def test_the_environment_switch():
 
 def test_schedule_free_optimizer_trains_its_mode_both_ways(tmp_path):
     pytest.importorskip("schedulefree")
-    args = dict(BASE, num_train_epochs=1, optim="schedule_free_adamw", eval_strategy="epoch",
-                optim_args="weight_lr_power=1.5,r=0.5")
+    args = dict(
+        BASE,
+        num_train_epochs=1,
+        optim="schedule_free_adamw",
+        eval_strategy="epoch",
+        optim_args="weight_lr_power=1.5,r=0.5",
+    )
     hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=dict(compute_metrics=accuracy))
     assert_parity(hf, lt)
-    plain = run_trainer(Plain, looptrain.TrainingArguments, tiny_bert, tmp_path / "plain", TRAIN, EVAL, args,
-                        dict(compute_metrics=accuracy))
+    plain = run_trainer(
+        Plain,
+        looptrain.TrainingArguments,
+        tiny_bert,
+        tmp_path / "plain",
+        TRAIN,
+        EVAL,
+        args,
+        dict(compute_metrics=accuracy),
+    )
     assert_parity(hf, plain)
 
 
 def test_a_dtensor_gradient_gets_accelerates_clipping(monkeypatch, tmp_path):
     """Under tensor parallelism gradients are DTensors, which accelerate clips mesh by mesh: any DTensor gradient
     sends the fast path to accelerate's call (a stand-in class here makes every gradient count as one)."""
-    trainer, _ = run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN,
-                             args=dict(BASE, max_steps=1))
+    trainer, _ = run_trainer(
+        looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN, args=dict(BASE, max_steps=1)
+    )
     for p in trainer.model.parameters():
         p.grad = torch.ones_like(p)
     for stand_in, expected in ((None, 0), (torch.Tensor, 1)):

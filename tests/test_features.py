@@ -27,12 +27,12 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+import transformers.trainer as HF_TRAINER
 from accelerate.utils import ParallelismConfig
 
 import looptrain
 import looptrain.backends as LT_BACKENDS  # the modules, where the names some tests replace are looked up
 import looptrain.trainer as LT_TRAINER
-import transformers.trainer as HF_TRAINER
 from helpers import (
     accuracy,
     assert_parity,
@@ -47,19 +47,38 @@ from helpers import (
 
 TRAIN, EVAL = random_token_dataset(40, 1), random_token_dataset(12, 2)
 # 40 examples, batch 8: 5 micro-batches per epoch, 2 epochs. No checkpoints unless a test asks.
-BASE = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, logging_steps=1, seed=42,
-            save_strategy="no")
+BASE = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    num_train_epochs=2,
+    logging_steps=1,
+    seed=42,
+    save_strategy="no",
+)
 
 
 def run_pair(tmp_path, model_fn, train=TRAIN, evals=EVAL, args=None, trainer_kwargs=None, do_train=True):
     """`helpers.run_both`, except that each trainer gets its own deep copy of the arguments and, when
     `trainer_kwargs` is a function, its own keyword arguments (collators and callbacks that record)."""
     runs = []
-    for trainer_cls, args_cls, name in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
-                                        (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
+    for trainer_cls, args_cls, name in (
+        (transformers.Trainer, transformers.TrainingArguments, "hf"),
+        (looptrain.Trainer, looptrain.TrainingArguments, "lt"),
+    ):
         kwargs = trainer_kwargs() if callable(trainer_kwargs) else dict(trainer_kwargs or {})
-        runs.append(run_trainer(trainer_cls, args_cls, model_fn, tmp_path / name, train, evals,
-                                copy.deepcopy(args or {}), kwargs, do_train))
+        runs.append(
+            run_trainer(
+                trainer_cls,
+                args_cls,
+                model_fn,
+                tmp_path / name,
+                train,
+                evals,
+                copy.deepcopy(args or {}),
+                kwargs,
+                do_train,
+            )
+        )
     return runs
 
 
@@ -103,11 +122,18 @@ def checkpointed_modules(model) -> list:
 # (case, arguments, the keywords torch.utils.checkpoint gets)
 CHECKPOINTING = [
     ("default", dict(activation_checkpointing=True), {"use_reentrant": False}),
-    ("old_names_reentrant", dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
-     {"use_reentrant": True}),
-    ("every_2nd_layer", dict(activation_checkpointing=True,
-                             activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 2}),
-     {"use_reentrant": False}),
+    (
+        "old_names_reentrant",
+        dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+        {"use_reentrant": True},
+    ),
+    (
+        "every_2nd_layer",
+        dict(
+            activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 2}
+        ),
+        {"use_reentrant": False},
+    ),
 ]
 
 
@@ -115,8 +141,12 @@ CHECKPOINTING = [
 def test_activation_checkpointing_parity(tmp_path, case, overrides, keywords):
     """`activation_checkpointing(_kwargs)` (5.24's names; `gradient_checkpointing(_kwargs)` are its deprecated
     aliases): the same layers checkpointed with the same torch.utils.checkpoint keywords, the same run."""
-    hf, lt = run_pair(tmp_path, tiny_bert, args={**BASE, **overrides, "eval_strategy": "epoch"},
-                      trainer_kwargs=dict(compute_metrics=accuracy))
+    hf, lt = run_pair(
+        tmp_path,
+        tiny_bert,
+        args={**BASE, **overrides, "eval_strategy": "epoch"},
+        trainer_kwargs=dict(compute_metrics=accuracy),
+    )
     assert_parity(hf, lt)
     layers = checkpointed_modules(lt[0].model)
     assert layers == checkpointed_modules(hf[0].model)
@@ -142,13 +172,19 @@ class OnlyOldCheckpointingName(torch.nn.Module):
 
 
 def test_activation_checkpointing_falls_back_to_the_old_method_name(tmp_path):
-    args = {**BASE, "max_steps": 1, "activation_checkpointing": True,
-            "activation_checkpointing_kwargs": {"use_reentrant": True, "every_n_layers": 3, "offload": False}}
+    args = {
+        **BASE,
+        "max_steps": 1,
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True, "every_n_layers": 3, "offload": False},
+    }
     with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):
         hf, lt = run_pair(tmp_path, OnlyOldCheckpointingName, args=args)
-    assert lt[0].model.enabled_with == hf[0].model.enabled_with == [
-        dict(gradient_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=3, offload=False)
-    ]
+    assert (
+        lt[0].model.enabled_with
+        == hf[0].model.enabled_with
+        == [dict(gradient_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=3, offload=False)]
+    )
 
 
 # =========================================================================================== NEFTune
@@ -161,8 +197,16 @@ def test_neftune_parity(tmp_path):
     for trainer, _ in (hf, lt):
         embeddings = trainer.model.get_input_embeddings()
         assert not embeddings._forward_hooks and not hasattr(embeddings, "neftune_noise_alpha")
-    without, _ = run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path / "plain", TRAIN, EVAL,
-                             {**BASE, "eval_strategy": "epoch"}, dict(compute_metrics=accuracy))
+    without, _ = run_trainer(
+        looptrain.Trainer,
+        looptrain.TrainingArguments,
+        tiny_bert,
+        tmp_path / "plain",
+        TRAIN,
+        EVAL,
+        {**BASE, "eval_strategy": "epoch"},
+        dict(compute_metrics=accuracy),
+    )
     assert strip_timing(without.state.log_history)[0]["loss"] != strip_timing(lt[0].state.log_history)[0]["loss"]
 
 
@@ -211,8 +255,13 @@ def test_auto_find_batch_size_resume_starts_from_the_saved_batch_size(tmp_path):
     resumed = []
     for (_trainer, _), name in zip(first, ("hf", "lt")):
         lib = transformers if name == "hf" else looptrain
-        again = lib.Trainer(model=oom_above(FITS)(), train_dataset=TRAIN, args=lib.TrainingArguments(
-            output_dir=str(tmp_path / "first" / name), use_cpu=True, report_to="none", disable_tqdm=True, **args))
+        again = lib.Trainer(
+            model=oom_above(FITS)(),
+            train_dataset=TRAIN,
+            args=lib.TrainingArguments(
+                output_dir=str(tmp_path / "first" / name), use_cpu=True, report_to="none", disable_tqdm=True, **args
+            ),
+        )
         result = again.train(resume_from_checkpoint=str(tmp_path / "first" / name / "checkpoint-4"))
         resumed.append((again, result))
     assert_parity(*resumed)
@@ -225,8 +274,15 @@ def test_auto_find_batch_size_out_of_memory_in_evaluation(tmp_path):
     errors = []
     for lib in (transformers, looptrain):
         with pytest.raises(RuntimeError, match="per_device_eval_batch_size") as err:
-            run_trainer(lib.Trainer, lib.TrainingArguments, oom_above(FITS, training_only=False), tmp_path / lib.__name__,
-                        TRAIN, EVAL, dict(args))
+            run_trainer(
+                lib.Trainer,
+                lib.TrainingArguments,
+                oom_above(FITS, training_only=False),
+                tmp_path / lib.__name__,
+                TRAIN,
+                EVAL,
+                dict(args),
+            )
         errors.append(err.value)
     assert all("out of memory" in str(e.__cause__) for e in errors)
 
@@ -267,7 +323,9 @@ def test_full_eval_dtype_parity(tmp_path, field, dtype):
     assert {p.dtype for p in lt[0].model.parameters()} == {p.dtype for p in hf[0].model.parameters()} == {dtype}
     assert_parity(hf, lt)
     # before any training: the first evaluate() casts too
-    hf, lt = run_pair(tmp_path / "untrained", tiny_bert, args=args, trainer_kwargs=dict(compute_metrics=accuracy), do_train=False)
+    hf, lt = run_pair(
+        tmp_path / "untrained", tiny_bert, args=args, trainer_kwargs=dict(compute_metrics=accuracy), do_train=False
+    )
     metrics = [strip_timing([trainer.evaluate()])[0] for trainer, _ in (hf, lt)]
     assert metrics[0] == metrics[1] and metrics[0]["eval_loss"] > 0
     assert next(lt[0].model.parameters()).dtype == next(hf[0].model.parameters()).dtype == dtype
@@ -285,8 +343,12 @@ def test_memory_metrics_keys(tmp_path):
     hf, lt = run_pair(tmp_path, tiny_bert, args=args)
     outputs = {}
     for name, (trainer, result) in zip(("hf", "lt"), (hf, lt)):
-        outputs[name] = dict(train=result.metrics, eval=trainer.evaluate(), test=trainer.predict(EVAL).metrics,
-                             log=[list(entry) for entry in trainer.state.log_history])
+        outputs[name] = dict(
+            train=result.metrics,
+            eval=trainer.evaluate(),
+            test=trainer.predict(EVAL).metrics,
+            log=[list(entry) for entry in trainer.state.log_history],
+        )
     assert outputs["lt"].keys() == outputs["hf"].keys()
     for key in ("train", "eval", "test"):
         assert sorted(outputs["lt"][key]) == sorted(outputs["hf"][key]), key
@@ -294,7 +356,9 @@ def test_memory_metrics_keys(tmp_path):
     assert outputs["lt"]["log"] == outputs["hf"]["log"]
     assert any(k.startswith("init_mem_cpu") for k in outputs["lt"]["train"])
     for trainer, _ in (hf, lt):  # every other value is compared exactly
-        trainer.state.log_history = [{k: v for k, v in e.items() if not is_memory_key(k)} for e in trainer.state.log_history]
+        trainer.state.log_history = [
+            {k: v for k, v in e.items() if not is_memory_key(k)} for e in trainer.state.log_history
+        ]
     assert_parity((hf[0], None), (lt[0], None))
 
 
@@ -344,8 +408,9 @@ def build_both(tmp_path, args, model_fn=tiny_bert, **trainer_kwargs):
     built = []
     for lib in (transformers, looptrain):
         try:
-            targs = lib.TrainingArguments(output_dir=str(tmp_path / lib.__name__), use_cpu=True, report_to="none",
-                                          **copy.deepcopy(args))
+            targs = lib.TrainingArguments(
+                output_dir=str(tmp_path / lib.__name__), use_cpu=True, report_to="none", **copy.deepcopy(args)
+            )
             built.append((lib.Trainer(model=model_fn(), args=targs, **trainer_kwargs), None))
         except Exception as err:  # compared below: the same error from both
             built.append((None, err))
@@ -357,15 +422,40 @@ ACCELERATOR_CASES = [
     ("ddp_kwargs", dict(ddp_bucket_cap_mb=5, ddp_broadcast_buffers=False, ddp_static_graph=True)),
     ("ddp_find_unused", dict(ddp_find_unused_parameters=True, ddp_bucket_cap_mb=1)),
     ("checkpointing_turns_off_unused_search", dict(activation_checkpointing=True)),
-    ("accelerator_config", dict(accelerator_config={
-        "split_batches": True, "even_batches": False, "use_seedable_sampler": False, "non_blocking": True,
-        "gradient_accumulation_kwargs": {"num_steps": 3, "sync_each_batch": True}})),
+    (
+        "accelerator_config",
+        dict(
+            accelerator_config={
+                "split_batches": True,
+                "even_batches": False,
+                "use_seedable_sampler": False,
+                "non_blocking": True,
+                "gradient_accumulation_kwargs": {"num_steps": 3, "sync_each_batch": True},
+            }
+        ),
+    ),
     ("parallelism_config", dict(parallelism_config=ParallelismConfig(dp_replicate_size=1, dp_shard_size=1, cp_size=1))),
     ("parallelism_config_needs_processes", dict(parallelism_config=ParallelismConfig(dp_shard_size=2))),
-    ("bf16_compile", dict(bf16=True, torch_compile=True, torch_compile_backend="aot_eager", torch_compile_mode="default")),
-    ("fsdp", dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": False,
-                                          "transformer_layer_cls_to_wrap": ["BertLayer"], "cpu_ram_efficient_loading": True})),
-    ("fsdp_v1_offload", dict(fsdp="full_shard offload auto_wrap", fsdp_config={"fsdp_version": 1, "min_num_params": 100})),
+    (
+        "bf16_compile",
+        dict(bf16=True, torch_compile=True, torch_compile_backend="aot_eager", torch_compile_mode="default"),
+    ),
+    (
+        "fsdp",
+        dict(
+            fsdp=True,
+            fsdp_config={
+                "fsdp_version": 2,
+                "reshard_after_forward": False,
+                "transformer_layer_cls_to_wrap": ["BertLayer"],
+                "cpu_ram_efficient_loading": True,
+            },
+        ),
+    ),
+    (
+        "fsdp_v1_offload",
+        dict(fsdp="full_shard offload auto_wrap", fsdp_config={"fsdp_version": 1, "min_num_params": 100}),
+    ),
     ("data_seed", dict(data_seed=11)),
 ]
 
@@ -386,7 +476,9 @@ def test_accelerator_receives_what_trainer_hands_it(tmp_path, accelerator_kwargs
     if hf_err is not None:
         assert type(lt_err) is type(hf_err)
         # looptrain words "fsdp needs several processes" its own way; any other error is accelerate's or torch's
-        assert str(lt_err) == str(hf_err) or all("only works in distributed training" in str(e) for e in (hf_err, lt_err))
+        assert str(lt_err) == str(hf_err) or all(
+            "only works in distributed training" in str(e) for e in (hf_err, lt_err)
+        )
         return
     assert len(accelerator_kwargs["lt"]) == 1
     for name in ("find_unused_parameters", "bucket_cap_mb", "broadcast_buffers", "static_graph"):
@@ -448,8 +540,15 @@ def test_use_liger_kernel_without_the_package(tmp_path):
     errors = []
     for lib in (transformers, looptrain):
         with pytest.raises(ImportError) as err:
-            run_trainer(lib.Trainer, lib.TrainingArguments, tiny_bert, tmp_path / lib.__name__, TRAIN, None,
-                        {**BASE, "use_liger_kernel": True})
+            run_trainer(
+                lib.Trainer,
+                lib.TrainingArguments,
+                tiny_bert,
+                tmp_path / lib.__name__,
+                TRAIN,
+                None,
+                {**BASE, "use_liger_kernel": True},
+            )
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "liger-kernel" in errors[1]
 
@@ -506,13 +605,25 @@ def test_report_to_trackio(tmp_path, monkeypatch):
     """report_to="trackio": transformers' TrackioCallback reads `project`, `run_name`, `trackio_space_id`,
     `trackio_bucket_id` and `hub_private_repo` from the arguments; with a stand-in trackio both trainers make the
     same calls. Without trackio installed both fail with TrackioCallback's RuntimeError naming the package."""
-    args = {**BASE, "max_steps": 3, "eval_strategy": "steps", "eval_steps": 3, "report_to": "trackio",
-            "project": "features-test", "run_name": "run-1", "trackio_space_id": None, "trackio_bucket_id": "bucket"}
+    args = {
+        **BASE,
+        "max_steps": 3,
+        "eval_strategy": "steps",
+        "eval_steps": 3,
+        "report_to": "trackio",
+        "project": "features-test",
+        "run_name": "run-1",
+        "trackio_space_id": None,
+        "trackio_bucket_id": "bucket",
+    }
     missing = []
     for lib in (transformers, looptrain):
         with pytest.raises(RuntimeError, match="pip install trackio") as err:
-            lib.Trainer(tiny_bert(), lib.TrainingArguments(output_dir=str(tmp_path / "missing"), use_cpu=True, **args),
-                        eval_dataset=EVAL)
+            lib.Trainer(
+                tiny_bert(),
+                lib.TrainingArguments(output_dir=str(tmp_path / "missing"), use_cpu=True, **args),
+                eval_dataset=EVAL,
+            )
         missing.append(str(err.value))
     assert missing[0] == missing[1]
 
@@ -523,16 +634,24 @@ def test_report_to_trackio(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "trackio", trackio)
     calls = {}
-    for trainer_cls, args_cls, name in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
-                                        (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
+    for trainer_cls, args_cls, name in (
+        (transformers.Trainer, transformers.TrainingArguments, "hf"),
+        (looptrain.Trainer, looptrain.TrainingArguments, "lt"),
+    ):
         trackio.calls.clear()
-        trainer = trainer_cls(model=tiny_bert(), train_dataset=TRAIN, eval_dataset=EVAL, args=args_cls(
-            output_dir=str(tmp_path / name), use_cpu=True, disable_tqdm=True, **args))
+        trainer = trainer_cls(
+            model=tiny_bert(),
+            train_dataset=TRAIN,
+            eval_dataset=EVAL,
+            args=args_cls(output_dir=str(tmp_path / name), use_cpu=True, disable_tqdm=True, **args),
+        )
         trainer.train()
         calls[name] = [(c[0], strip_timing([c[1]])[0]) if len(c) > 1 else c for c in trackio.calls]
     assert calls["lt"] == calls["hf"]
-    assert calls["lt"][0] == ("init", dict(project="features-test", name="run-1", space_id=None, resume="allow",
-                                           private=None, bucket_id="bucket"))
+    assert calls["lt"][0] == (
+        "init",
+        dict(project="features-test", name="run-1", space_id=None, resume="allow", private=None, bucket_id="bucket"),
+    )
     assert calls["lt"][-1] == ("finish",) and sum(c[0] == "log" for c in calls["lt"]) == 5  # 3 steps, eval, summary
 
 
@@ -553,13 +672,24 @@ class CountSteps(transformers.TrainerCallback, transformers.trainer_callback.Exp
 @pytest.mark.parametrize("restore", [True, False])
 def test_restore_callback_states_from_checkpoint(tmp_path, restore):
     """Trainer restores the saved state of stateful callbacks only with restore_callback_states_from_checkpoint."""
-    args = {**BASE, "max_steps": 4, "save_strategy": "steps", "save_steps": 2,
-            "restore_callback_states_from_checkpoint": restore}
+    args = {
+        **BASE,
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "restore_callback_states_from_checkpoint": restore,
+    }
     run_pair(tmp_path, tiny_bert, args=args, trainer_kwargs=dict(callbacks=[CountSteps]))
     counts, resumed = [], []
     for lib, name in ((transformers, "hf"), (looptrain, "lt")):
-        trainer = lib.Trainer(model=tiny_bert(), train_dataset=TRAIN, callbacks=[CountSteps], args=lib.TrainingArguments(
-            output_dir=str(tmp_path / name), use_cpu=True, report_to="none", disable_tqdm=True, **args))
+        trainer = lib.Trainer(
+            model=tiny_bert(),
+            train_dataset=TRAIN,
+            callbacks=[CountSteps],
+            args=lib.TrainingArguments(
+                output_dir=str(tmp_path / name), use_cpu=True, report_to="none", disable_tqdm=True, **args
+            ),
+        )
         result = trainer.train(resume_from_checkpoint=str(tmp_path / name / "checkpoint-2"))
         resumed.append((trainer, result))
         counts.append([cb.steps for cb in trainer.callback_handler.callbacks if isinstance(cb, CountSteps)])
@@ -574,8 +704,11 @@ def test_restore_callback_states_from_checkpoint(tmp_path, restore):
 def debug_hooks(model) -> list[str]:
     from transformers.debug_utils import DebugUnderflowOverflow
 
-    return [name for name, m in model.named_modules()
-            if any(isinstance(getattr(h, "__self__", None), DebugUnderflowOverflow) for h in m._forward_hooks.values())]
+    return [
+        name
+        for name, m in model.named_modules()
+        if any(isinstance(getattr(h, "__self__", None), DebugUnderflowOverflow) for h in m._forward_hooks.values())
+    ]
 
 
 def test_debug_underflow_overflow(tmp_path):
@@ -614,7 +747,9 @@ class RecordingCollator:
 
 
 def tokenized_pairs(tokenizer, n, seed):
-    return sentence_pairs(n, seed).map(lambda b: tokenizer(b["sentence1"], b["sentence2"], truncation=True), batched=True)
+    return sentence_pairs(n, seed).map(
+        lambda b: tokenizer(b["sentence1"], b["sentence2"], truncation=True), batched=True
+    )
 
 
 @pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
@@ -627,13 +762,26 @@ def test_length_samplers_parity(tmp_path, strategy):
     train = tokenized_pairs(tokenizer, 48, 1)
     train = train.add_column("length", [100 - len(ids) for ids in train["input_ids"]])  # the opposite order
     evals = tokenized_pairs(tokenizer, 12, 2)
-    args = {**BASE, "train_sampling_strategy": strategy, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-            "eval_strategy": "epoch", "per_device_eval_batch_size": 4}
+    args = {
+        **BASE,
+        "train_sampling_strategy": strategy,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "eval_strategy": "epoch",
+        "per_device_eval_batch_size": 4,
+    }
     if strategy == "batch_rebalance":
         train = train.remove_columns("length")
-    hf, lt = run_pair(tmp_path, lambda: tiny_bert(vocab_size=len(tokenizer)), train, evals, args,
-                      trainer_kwargs=lambda: dict(processing_class=tokenizer, data_collator=RecordingCollator(tokenizer),
-                                                  compute_metrics=accuracy))
+    hf, lt = run_pair(
+        tmp_path,
+        lambda: tiny_bert(vocab_size=len(tokenizer)),
+        train,
+        evals,
+        args,
+        trainer_kwargs=lambda: dict(
+            processing_class=tokenizer, data_collator=RecordingCollator(tokenizer), compute_metrics=accuracy
+        ),
+    )
     assert_parity(hf, lt)
     batches = lt[0].data_collator.batches
     assert batches == hf[0].data_collator.batches
@@ -661,8 +809,16 @@ def test_eval_use_gather_object(tmp_path, monkeypatch):
     recorded = []
     for lib in (transformers, looptrain):
         flags.clear()
-        trainer, result = run_trainer(lib.Trainer, lib.TrainingArguments, tiny_bert, tmp_path / lib.__name__, TRAIN, EVAL,
-                                      dict(args), dict(compute_metrics=accuracy))
+        trainer, result = run_trainer(
+            lib.Trainer,
+            lib.TrainingArguments,
+            tiny_bert,
+            tmp_path / lib.__name__,
+            TRAIN,
+            EVAL,
+            dict(args),
+            dict(compute_metrics=accuracy),
+        )
         trainer.evaluate()
         recorded.append(((trainer, result), list(flags)))
     (hf, hf_flags), (lt, lt_flags) = recorded
@@ -675,13 +831,20 @@ def test_eval_use_gather_object(tmp_path, monkeypatch):
 # ============================================================================== DataLoader arguments
 def test_dataloader_multiprocessing_context_and_in_order(tmp_path):
     """dataloader_multiprocessing_context and dataloader_in_order reach the DataLoaders accelerate prepares."""
-    args = {**BASE, "dataloader_num_workers": 1, "dataloader_multiprocessing_context": "spawn", "dataloader_in_order": False}
+    args = {
+        **BASE,
+        "dataloader_num_workers": 1,
+        "dataloader_multiprocessing_context": "spawn",
+        "dataloader_in_order": False,
+    }
     (hf, hf_err), (lt, lt_err) = build_both(tmp_path, args, train_dataset=TRAIN, eval_dataset=EVAL)
     assert hf_err is None and lt_err is None
     for get in ("get_train_dataloader", "get_eval_dataloader"):
         loaders = [getattr(t, get)() for t in (hf, lt)]
-        described_loaders = [{k: getattr(dl, k) for k in ("num_workers", "in_order", "batch_size", "drop_last", "pin_memory")}
-                             for dl in loaders]
+        described_loaders = [
+            {k: getattr(dl, k) for k in ("num_workers", "in_order", "batch_size", "drop_last", "pin_memory")}
+            for dl in loaders
+        ]
         assert described_loaders[0] == described_loaders[1]
         contexts = [dl.multiprocessing_context for dl in loaders]
         assert [c.get_start_method() for c in contexts] == ["spawn", "spawn"]
@@ -708,9 +871,17 @@ def test_save_and_log_on_each_node(tmp_path, main_process_of_second_node, on_eac
     """save_on_each_node: the first process of every machine writes checkpoints and the final model (should_save
     follows the local rank), else only the global first process. log_on_each_node: the same for the log level
     (log_level on the processes that log, log_level_replica on the others). The same files and levels as Trainer."""
-    args = {**BASE, "max_steps": 4, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1,
-            "save_on_each_node": on_each_node, "log_on_each_node": on_each_node, "log_level": "info",
-            "log_level_replica": "error"}
+    args = {
+        **BASE,
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "save_total_limit": 1,
+        "save_on_each_node": on_each_node,
+        "log_on_each_node": on_each_node,
+        "log_level": "info",
+        "log_level_replica": "error",
+    }
     hf, lt = run_pair(tmp_path, tiny_bert, args=args, trainer_kwargs=lambda: dict(callbacks=[Verbosity()]))
     assert_parity(hf, lt)
     for trainer, _ in (hf, lt):
@@ -718,8 +889,11 @@ def test_save_and_log_on_each_node(tmp_path, main_process_of_second_node, on_eac
     hf_files, lt_files = files_under(tmp_path / "hf"), files_under(tmp_path / "lt")
     if on_each_node:  # looptrain's own files: training_args.json for Trainer's pickled .bin, and looptrain_state.json
         own = {"training_args.json": "training_args.bin"}
-        lt_as_hf = [os.path.join(os.path.dirname(f), own.get(os.path.basename(f), os.path.basename(f)))
-                    for f in lt_files if not f.endswith("looptrain_state.json")]
+        lt_as_hf = [
+            os.path.join(os.path.dirname(f), own.get(os.path.basename(f), os.path.basename(f)))
+            for f in lt_files
+            if not f.endswith("looptrain_state.json")
+        ]
         assert sorted(lt_as_hf) == hf_files
         assert "checkpoint-4/model.safetensors" in lt_files and "model.safetensors" in lt_files
     else:
@@ -728,7 +902,11 @@ def test_save_and_log_on_each_node(tmp_path, main_process_of_second_node, on_eac
         assert hf_files == ["checkpoint-2/rng_state.pth", "checkpoint-4/rng_state.pth"]
         assert lt_files == hf_files
     levels = [next(cb for cb in t.callback_handler.callbacks if isinstance(cb, Verbosity)) for t, _ in (hf, lt)]
-    assert levels[0].level == levels[1].level == (transformers.logging.INFO if on_each_node else transformers.logging.ERROR)
+    assert (
+        levels[0].level
+        == levels[1].level
+        == (transformers.logging.INFO if on_each_node else transformers.logging.ERROR)
+    )
     assert levels[0].flags == levels[1].flags == (False, True)
 
 
@@ -757,13 +935,23 @@ def test_sigterm_with_enable_jit_checkpoint(tmp_path, monkeypatch):
     hf, lt = run_pair(tmp_path, tiny_bert, args=args, trainer_kwargs=lambda: dict(callbacks=[SigtermAfterStep()]))
     assert signal.getsignal(signal.SIGTERM) == before
     assert os.listdir(tmp_path / "hf") == os.listdir(tmp_path / "lt") == ["checkpoint-2"]
-    weights = [safetensors.torch.load_file(tmp_path / name / "checkpoint-2" / "model.safetensors") for name in ("hf", "lt")]
+    weights = [
+        safetensors.torch.load_file(tmp_path / name / "checkpoint-2" / "model.safetensors") for name in ("hf", "lt")
+    ]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert hf[0].state.global_step == 3 and lt[0].state.global_step == 2 and lt[0].preempted
     # without the field looptrain does the same (transformers.Trainer would die on the signal)
     args["enable_jit_checkpoint"] = False
-    again, _ = run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path / "lt-no-jit", TRAIN, None,
-                           args, dict(callbacks=[SigtermAfterStep()]))
+    again, _ = run_trainer(
+        looptrain.Trainer,
+        looptrain.TrainingArguments,
+        tiny_bert,
+        tmp_path / "lt-no-jit",
+        TRAIN,
+        None,
+        args,
+        dict(callbacks=[SigtermAfterStep()]),
+    )
     assert again.preempted and os.listdir(tmp_path / "lt-no-jit") == ["checkpoint-2"]
     assert params_of(again.model).keys() == params_of(lt[0].model).keys()
     assert all(torch.equal(a, b) for a, b in zip(params_of(again.model).values(), params_of(lt[0].model).values()))

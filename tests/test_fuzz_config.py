@@ -76,8 +76,14 @@ CONTEXT = {
     "eval_steps": {"eval_strategy": "steps", "_eval": True},
     "per_device_eval_batch_size": {"eval_strategy": "steps", "eval_steps": 1, "_eval": True},
     "eval_accumulation_steps": {"eval_strategy": "steps", "eval_steps": 1, "_eval": True},
-    "metric_for_best_model": {"eval_strategy": "steps", "eval_steps": 1, "_eval": True, "load_best_model_at_end": True,
-                              "save_strategy": "steps", "save_steps": 1},
+    "metric_for_best_model": {
+        "eval_strategy": "steps",
+        "eval_steps": 1,
+        "_eval": True,
+        "load_best_model_at_end": True,
+        "save_strategy": "steps",
+        "save_steps": 1,
+    },
     "num_train_epochs": {"max_steps": -1},
     "torch_empty_cache_steps": {},
 }
@@ -109,13 +115,22 @@ def _data(labels=None, seq_len=8, **columns):
 
 def _ragged():
     rng = np.random.default_rng(0)
-    return Dataset.from_dict({"input_ids": [rng.integers(5, 100, 4 + i).tolist() for i in range(N)], "label": [0, 1] * (N // 2)})
+    return Dataset.from_dict(
+        {"input_ids": [rng.integers(5, 100, 4 + i).tolist() for i in range(N)], "label": [0, 1] * (N // 2)}
+    )
 
 
 def _token_classifier(num_labels=3):
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64, num_labels=num_labels)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
     return transformers.BertForTokenClassification(config)
 
 
@@ -143,8 +158,15 @@ class NoLossModel(torch.nn.Module):
 def _checkpoint(folder: str, damage: str) -> str:
     """A checkpoint to resume from: of a 3-class model ("other-head"), or with its weights deleted ("no-weights")."""
     out = os.path.join(folder, "earlier")
-    args = looptrain.TrainingArguments(output_dir=out, use_cpu=True, report_to="none", disable_tqdm=True, max_steps=1,
-                                       save_strategy="steps", save_steps=1)
+    args = looptrain.TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         looptrain.Trainer(tiny_bert(num_labels=3 if damage == "other-head" else 2), args, train_dataset=_data()).train()
     checkpoint = os.path.join(out, "checkpoint-1")
@@ -161,48 +183,85 @@ PAIR_CASES = {
     # dataset x model head
     "text labels": dict(train=lambda: _data(["yes", "no"] * (N // 2)), mentions=["label", "text"]),
     "float labels, 2 classes": dict(train=lambda: _data([0.0, 1.0] * (N // 2)), mentions=["label", "float"]),
-    "float labels, 3 classes": dict(model=lambda: tiny_bert(num_labels=3), train=lambda: _data([0.0, 1.0] * (N // 2)), mentions=["label"]),
+    "float labels, 3 classes": dict(
+        model=lambda: tiny_bert(num_labels=3), train=lambda: _data([0.0, 1.0] * (N // 2)), mentions=["label"]
+    ),
     "label 2 for 2 classes": dict(train=lambda: _data([0, 2] * (N // 2)), mentions=["label 2"]),
     "negative label": dict(train=lambda: _data([0, -1] * (N // 2)), mentions=["label -1"]),
-    "no label column": dict(train=lambda: random_token_dataset(N, 0, extra_columns=False).remove_columns(["label"]), mentions=["no loss", "labels"]),
+    "no label column": dict(
+        train=lambda: random_token_dataset(N, 0, extra_columns=False).remove_columns(["label"]),
+        mentions=["no loss", "labels"],
+    ),
     "labels under another name": dict(train=lambda: _data().rename_column("label", "target"), mentions=["label"]),
-    "only a text column": dict(train=lambda: Dataset.from_dict({"text": ["a b c"] * N, "label": [0, 1] * (N // 2)}), mentions=["input_ids", "forward", "empty"]),
+    "only a text column": dict(
+        train=lambda: Dataset.from_dict({"text": ["a b c"] * N, "label": [0, 1] * (N // 2)}),
+        mentions=["input_ids", "forward", "empty"],
+    ),
     "sequences too long": dict(train=lambda: _data(seq_len=80), mentions=["80 tokens", "64"]),
-    "token ids beyond the vocabulary": dict(train=lambda: Dataset.from_dict(
-        {"input_ids": [[5, 6, 500, 7]] * N, "label": [0, 1] * (N // 2)}), mentions=["token id 500", "vocabulary"]),
-    "ragged ids, no padding collator": dict(train=_ragged, collator=lambda: transformers.default_data_collator, mentions=["pad", "length"]),
+    "token ids beyond the vocabulary": dict(
+        train=lambda: Dataset.from_dict({"input_ids": [[5, 6, 500, 7]] * N, "label": [0, 1] * (N // 2)}),
+        mentions=["token id 500", "vocabulary"],
+    ),
+    "ragged ids, no padding collator": dict(
+        train=_ragged, collator=lambda: transformers.default_data_collator, mentions=["pad", "length"]
+    ),
     "empty training set": dict(train=lambda: _data().select([]), mentions=["empty", "no batch"]),
-    "per-example labels for a token classifier": dict(model=_token_classifier, train=lambda: _data([0, 1] * (N // 2)), mentions=["label", "shape", "Target"]),
-    "token labels beyond the classes": dict(model=_token_classifier, train=lambda: Dataset.from_dict(
-        {"input_ids": [[5, 6, 7, 8]] * N, "labels": [[0, 1, 5, -100]] * N}), mentions=["label 5"]),
-    "integer labels, multi-label head": dict(model=lambda: tiny_bert(num_labels=2, problem_type="multi_label_classification"),
-                                             train=lambda: _data([0, 1] * (N // 2)), mentions=["label", "multi"]),
-    "classification data for a causal LM": dict(model=lambda: tiny_gpt2(vocab_size=100), train=lambda: _data([0, 1] * (N // 2)), mentions=["label", "shape"]),
+    "per-example labels for a token classifier": dict(
+        model=_token_classifier, train=lambda: _data([0, 1] * (N // 2)), mentions=["label", "shape", "Target"]
+    ),
+    "token labels beyond the classes": dict(
+        model=_token_classifier,
+        train=lambda: Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * N, "labels": [[0, 1, 5, -100]] * N}),
+        mentions=["label 5"],
+    ),
+    "integer labels, multi-label head": dict(
+        model=lambda: tiny_bert(num_labels=2, problem_type="multi_label_classification"),
+        train=lambda: _data([0, 1] * (N // 2)),
+        mentions=["label", "multi"],
+    ),
+    "classification data for a causal LM": dict(
+        model=lambda: tiny_gpt2(vocab_size=100), train=lambda: _data([0, 1] * (N // 2)), mentions=["label", "shape"]
+    ),
     # collators
-    "MLM collator for a classifier": dict(train=lambda: random_token_dataset(N, 0, extra_columns=False).remove_columns(["label"]),
-                                          collator=_mlm_collator, mentions=["label", "shape", "Target"]),
+    "MLM collator for a classifier": dict(
+        train=lambda: random_token_dataset(N, 0, extra_columns=False).remove_columns(["label"]),
+        collator=_mlm_collator,
+        mentions=["label", "shape", "Target"],
+    ),
     "collator that is not callable": dict(collator=lambda: "pad", mentions=["data_collator", "callable"]),
     # optimizers, schedulers, callbacks, paths
     "optimizer of another model": dict(optimizers=lambda: (_other_model_optimizer(), None), mentions=["optimizers"]),
-    "scheduler without its optimizer": dict(optimizers=lambda: (None, torch.optim.lr_scheduler.LambdaLR(_other_model_optimizer(), lambda s: 1)),
-                                            mentions=["scheduler"]),
+    "scheduler without its optimizer": dict(
+        optimizers=lambda: (None, torch.optim.lr_scheduler.LambdaLR(_other_model_optimizer(), lambda s: 1)),
+        mentions=["scheduler"],
+    ),
     "optimizer that is a list": dict(optimizers=lambda: ([torch.optim.SGD], None), mentions=["optimizer"]),
     "a function as callback": dict(callbacks=lambda: [print], mentions=["callbacks", "TrainerCallback"]),
     "a plain object as callback": dict(callbacks=lambda: [Callbackish()], mentions=["callbacks", "TrainerCallback"]),
     "callbacks not a list": dict(callbacks=lambda: transformers.PrinterCallback(), mentions=["callbacks"]),
     "output_dir is a file": dict(output_file=True, mentions=["output_dir"]),
     "all parameters frozen": dict(model=lambda: tiny_bert().requires_grad_(False), mentions=["requires_grad"]),
-    "loss detached": dict(loss_func=lambda: (lambda o, l, num_items_in_batch=None: o["logits"].mean().detach()), mentions=["loss"]),
-    "loss of the wrong shape": dict(loss_func=lambda: (lambda o, l, num_items_in_batch=None: o["logits"]), mentions=["loss", "single number"]),
-    "eval strategy without eval data": dict(args={"eval_strategy": "steps", "eval_steps": 1}, mentions=["eval_dataset"]),
+    "loss detached": dict(
+        loss_func=lambda: lambda o, l, num_items_in_batch=None: o["logits"].mean().detach(), mentions=["loss"]
+    ),
+    "loss of the wrong shape": dict(
+        loss_func=lambda: lambda o, l, num_items_in_batch=None: o["logits"], mentions=["loss", "single number"]
+    ),
+    "eval strategy without eval data": dict(
+        args={"eval_strategy": "steps", "eval_steps": 1}, mentions=["eval_dataset"]
+    ),
     "resume from a missing checkpoint": dict(resume="missing", mentions=["resume_from_checkpoint"]),
     "resume from a checkpoint of another head": dict(resume="other-head", mentions=["checkpoint", "different model"]),
     "resume from a checkpoint without weights": dict(resume="no-weights", mentions=["checkpoint", "weights"]),
-    "collator adds a key the model does not take": dict(collator=lambda: (lambda f: {**transformers.default_data_collator(f), "foo": torch.zeros(len(f))}),
-                                                        mentions=["foo"]),
+    "collator adds a key the model does not take": dict(
+        collator=lambda: lambda f: {**transformers.default_data_collator(f), "foo": torch.zeros(len(f))},
+        mentions=["foo"],
+    ),
     "float labels from a collator, single-label head": dict(
         model=lambda: tiny_bert(num_labels=2, problem_type="single_label_classification"),
-        collator=lambda: (lambda f: {**transformers.default_data_collator(f), "labels": torch.zeros(len(f))}), mentions=["labels"]),
+        collator=lambda: lambda f: {**transformers.default_data_collator(f), "labels": torch.zeros(len(f))},
+        mentions=["labels"],
+    ),
     "a model whose loss is None": dict(model=lambda: NoLossModel(), mentions=["loss"]),
     "model_init and model": dict(model_init=True, mentions=["model_init"]),
 }
@@ -215,7 +274,9 @@ def all_cases():
 
 # ------------------------------------------------------------------------------------ running one case
 ENTRY_POINTS = (os.sep + "looptrain" + os.sep, os.path.join("transformers", "training_args.py"))
-ARGUMENT_VALIDATION = os.path.join("transformers", "training_args.py")  # its enums raise from transformers/utils/generic.py
+ARGUMENT_VALIDATION = os.path.join(
+    "transformers", "training_args.py"
+)  # its enums raise from transformers/utils/generic.py
 
 
 def raised_where_it_enters(frames) -> bool:
@@ -229,36 +290,55 @@ def raised_where_it_enters(frames) -> bool:
     constructing = any(inside and f.name == "__init__" for inside, f in zip(in_looptrain, frames))
     if len(frames) >= 2 and in_looptrain[-2] and constructing:  # one call below looptrain's constructor (or its phases)
         return True
-    return frames[-1].filename.endswith(os.path.join("utils", "generic.py")) and any(ARGUMENT_VALIDATION in f.filename for f in frames)
+    return frames[-1].filename.endswith(os.path.join("utils", "generic.py")) and any(
+        ARGUMENT_VALIDATION in f.filename for f in frames
+    )
 
 
 def _run(library: str, case: dict, folder: str):
     """('ok', log, weights changed?, final weights) or ('error', exception)."""
-    trainer_cls, args_cls = (transformers.Trainer, transformers.TrainingArguments) if library == "hf" else (
-        looptrain.Trainer, looptrain.TrainingArguments)
+    trainer_cls, args_cls = (
+        (transformers.Trainer, transformers.TrainingArguments)
+        if library == "hf"
+        else (looptrain.Trainer, looptrain.TrainingArguments)
+    )
     output_dir = os.path.join(folder, library)
     if case.get("output_file"):
         with open(output_dir, "w") as f:
             f.write("a file")
     try:
-        base = dict(use_cpu=True, report_to="none", disable_tqdm=True, max_steps=2, logging_steps=1, per_device_train_batch_size=4,
-                    save_strategy="no", dataloader_pin_memory=False)
+        base = dict(
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+            max_steps=2,
+            logging_steps=1,
+            per_device_train_batch_size=4,
+            save_strategy="no",
+            dataloader_pin_memory=False,
+        )
         args = args_cls(output_dir=output_dir, **{**base, **case.get("args", {})})
         model = case.get("model", tiny_bert)()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        kwargs = dict(train_dataset=case.get("train", _data)(),
-                      eval_dataset=_data() if case.get("eval") else None,
-                      data_collator=case["collator"]() if "collator" in case else None,
-                      callbacks=case["callbacks"]() if "callbacks" in case else None,
-                      optimizers=case["optimizers"]() if "optimizers" in case else (None, None),
-                      compute_loss_func=case["loss_func"]() if "loss_func" in case else None)
+        kwargs = dict(
+            train_dataset=case.get("train", _data)(),
+            eval_dataset=_data() if case.get("eval") else None,
+            data_collator=case["collator"]() if "collator" in case else None,
+            callbacks=case["callbacks"]() if "callbacks" in case else None,
+            optimizers=case["optimizers"]() if "optimizers" in case else (None, None),
+            compute_loss_func=case["loss_func"]() if "loss_func" in case else None,
+        )
         if case.get("model_init"):
             kwargs["model_init"] = tiny_bert
         trainer = trainer_cls(model, args, **kwargs)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             resume = case.get("resume")
             if resume in ("other-head", "no-weights"):
-                resume = _checkpoint(os.path.join(folder, library), resume) if "checkpoint" not in case else case["checkpoint"]
+                resume = (
+                    _checkpoint(os.path.join(folder, library), resume)
+                    if "checkpoint" not in case
+                    else case["checkpoint"]
+                )
             elif resume:
                 resume = os.path.join(folder, "missing")
             trainer.train(resume_from_checkpoint=resume)
@@ -276,7 +356,10 @@ def _same_log(a, b):
         if x.keys() != y.keys():
             return False
         for k in x:
-            if not (x[k] == y[k] or (isinstance(x[k], float) and isinstance(y[k], float) and math.isnan(x[k]) and math.isnan(y[k]))):
+            if not (
+                x[k] == y[k]
+                or (isinstance(x[k], float) and isinstance(y[k], float) and math.isnan(x[k]) and math.isnan(y[k]))
+            ):
                 return False
     return True
 
@@ -291,7 +374,9 @@ def judge(name: str, case: dict, folder: str) -> tuple[str, str]:
         text = str(err)
         at_entry = raised_where_it_enters(frames)
         named = any(m.lower() in text.lower() for m in case.get("mentions", []))
-        line = f"{type(err).__name__}: {text.splitlines()[0][:160] if text else ''} (raised in {os.path.basename(where)})"
+        line = (
+            f"{type(err).__name__}: {text.splitlines()[0][:160] if text else ''} (raised in {os.path.basename(where)})"
+        )
         return ("clear" if at_entry and named else "unexplained"), line
     hf = _run("hf", case, folder)
     if hf[0] == "error":
@@ -299,7 +384,9 @@ def judge(name: str, case: dict, folder: str) -> tuple[str, str]:
     if not lt[2]:
         return "unexplained", "looptrain finished without changing a weight (a silent no-op)"
     same = _same_log(lt[1], hf[1]) and all(torch.equal(lt[3][n], hf[3][n]) for n in lt[3])
-    return ("trainer-identical" if same else "unexplained"), ("same logs and weights as Trainer" if same else "differs from Trainer")
+    return ("trainer-identical" if same else "unexplained"), (
+        "same logs and weights as Trainer" if same else "differs from Trainer"
+    )
 
 
 def run_fuzzer(verbose: bool = False) -> Counter:
@@ -320,8 +407,10 @@ def run_fuzzer(verbose: bool = False) -> Counter:
     finally:
         torch.set_num_threads(threads)
     counts["cases"] = sum(counts.values())
-    print(f"misconfiguration fuzzer: {counts['cases']} cases, {counts['clear']} clear errors, "
-          f"{counts['trainer-identical']} Trainer-identical, {counts['unexplained']} unexplained")
+    print(
+        f"misconfiguration fuzzer: {counts['cases']} cases, {counts['clear']} clear errors, "
+        f"{counts['trainer-identical']} Trainer-identical, {counts['unexplained']} unexplained"
+    )
     counts.unexplained = unexplained
     return counts
 

@@ -16,7 +16,16 @@ import torch
 import transformers
 
 import looptrain
-from helpers import assert_parity, make_args, params_of, random_token_dataset, run_both, run_trainer, strip_timing, tiny_bert
+from helpers import (
+    assert_parity,
+    make_args,
+    params_of,
+    random_token_dataset,
+    run_both,
+    run_trainer,
+    strip_timing,
+    tiny_bert,
+)
 
 TRAIN = random_token_dataset(32, 3)
 
@@ -29,8 +38,14 @@ SGD = dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5}))
 
 
 def _args(bs, ga):
-    return dict(per_device_train_batch_size=bs, gradient_accumulation_steps=ga, num_train_epochs=2,
-                logging_steps=1, max_grad_norm=0.0, save_strategy="no")
+    return dict(
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        num_train_epochs=2,
+        logging_steps=1,
+        max_grad_norm=0.0,
+        save_strategy="no",
+    )
 
 
 class CorrectlyScaled(looptrain.Trainer):
@@ -46,10 +61,24 @@ def _losses(trainer):
 
 
 def test_default_reproduces_trainer_bug_and_override_fixes_it(tmp_path):
-    big_batch, _ = run_trainer(looptrain.Trainer, looptrain.TrainingArguments, no_dropout_bert, tmp_path / "b8",
-                               TRAIN, args=_args(8, 1), trainer_kwargs=SGD)
-    fixed, _ = run_trainer(CorrectlyScaled, looptrain.TrainingArguments, no_dropout_bert, tmp_path / "fixed",
-                           TRAIN, args=_args(4, 2), trainer_kwargs=SGD)
+    big_batch, _ = run_trainer(
+        looptrain.Trainer,
+        looptrain.TrainingArguments,
+        no_dropout_bert,
+        tmp_path / "b8",
+        TRAIN,
+        args=_args(8, 1),
+        trainer_kwargs=SGD,
+    )
+    fixed, _ = run_trainer(
+        CorrectlyScaled,
+        looptrain.TrainingArguments,
+        no_dropout_bert,
+        tmp_path / "fixed",
+        TRAIN,
+        args=_args(4, 2),
+        trainer_kwargs=SGD,
+    )
     hf_default, lt_default = run_both(tmp_path, no_dropout_bert, TRAIN, args=_args(4, 2), trainer_kwargs=SGD)
     assert_parity(hf_default, lt_default)  # the default is Trainer's behaviour, bug included
 
@@ -69,16 +98,29 @@ def test_default_reproduces_trainer_bug_and_override_fixes_it(tmp_path):
 
 
 def test_override_matches_trainer_with_the_same_override(tmp_path):
-    hf, lt = run_both(tmp_path, no_dropout_bert, TRAIN, args=_args(4, 2), trainer_kwargs=SGD,
-                      hf_trainer_cls=CorrectlyScaledHF, lt_trainer_cls=CorrectlyScaled)
+    hf, lt = run_both(
+        tmp_path,
+        no_dropout_bert,
+        TRAIN,
+        args=_args(4, 2),
+        trainer_kwargs=SGD,
+        hf_trainer_cls=CorrectlyScaledHF,
+        lt_trainer_cls=CorrectlyScaled,
+    )
     assert_parity(hf, lt)
 
 
 def _warnings_for(tmp_path, model_fn, ga, cls=looptrain.Trainer):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_trainer(cls, looptrain.TrainingArguments, model_fn, tmp_path, TRAIN.select(range(8)),
-                    args=dict(gradient_accumulation_steps=ga, per_device_train_batch_size=4, max_steps=1, save_strategy="no"))
+        run_trainer(
+            cls,
+            looptrain.TrainingArguments,
+            model_fn,
+            tmp_path,
+            TRAIN.select(range(8)),
+            args=dict(gradient_accumulation_steps=ga, per_device_train_batch_size=4, max_steps=1, save_strategy="no"),
+        )
     return [w for w in caught if "47688" in str(w.message)]
 
 
@@ -105,7 +147,11 @@ def test_multi_process_loss_scaling_warns_like_accumulation(tmp_path, monkeypatc
         trainer._warn_if_loss_not_scaled_for_ga()
         trainer._warn_if_loss_not_scaled_for_ga()  # once only
     ours = [str(w.message) for w in caught if "num_items_in_batch" in str(w.message)]
-    assert len(ours) == 1 and "multiplied by the 2 processes" in ours[0] and "average_tokens_across_devices=False" in ours[0]
+    assert (
+        len(ours) == 1
+        and "multiplied by the 2 processes" in ours[0]
+        and "average_tokens_across_devices=False" in ours[0]
+    )
     assert "gradient_accumulation_steps" not in ours[0]  # GA is 1 here
 
 
@@ -120,9 +166,11 @@ class OwnLabels(looptrain.Trainer):
 
 
 def _own_labels_collator(rows):
-    return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
-            "attention_mask": torch.tensor([r["attention_mask"] for r in rows]),
-            "target": torch.tensor([r["label"] for r in rows])}
+    return {
+        "input_ids": torch.tensor([r["input_ids"] for r in rows]),
+        "attention_mask": torch.tensor([r["attention_mask"] for r in rows]),
+        "target": torch.tensor([r["label"] for r in rows]),
+    }
 
 
 def test_no_warning_when_the_batches_have_no_label_count(tmp_path):
@@ -130,9 +178,20 @@ def test_no_warning_when_the_batches_have_no_label_count(tmp_path):
     the loss is divided, so looptrain does not warn (it did, deciding from the model's signature alone)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, _ = run_trainer(OwnLabels, looptrain.TrainingArguments, no_dropout_bert, tmp_path, TRAIN.select(range(8)),
-                                 args=dict(gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=1,
-                                           save_strategy="no", remove_unused_columns=False),
-                                 trainer_kwargs=dict(data_collator=_own_labels_collator))
+        trainer, _ = run_trainer(
+            OwnLabels,
+            looptrain.TrainingArguments,
+            no_dropout_bert,
+            tmp_path,
+            TRAIN.select(range(8)),
+            args=dict(
+                gradient_accumulation_steps=2,
+                per_device_train_batch_size=4,
+                max_steps=1,
+                save_strategy="no",
+                remove_unused_columns=False,
+            ),
+            trainer_kwargs=dict(data_collator=_own_labels_collator),
+        )
     assert trainer.model_accepts_loss_kwargs and trainer.state.global_step == 1
     assert [w for w in caught if "47688" in str(w.message)] == []

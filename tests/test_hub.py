@@ -26,10 +26,13 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import looptrain
 from fake_hub import USER, FakeHub
-from helpers import random_token_dataset, strip_timing, tiny_bert, wordpiece_tokenizer, make_args
+from helpers import make_args, random_token_dataset, strip_timing, tiny_bert, wordpiece_tokenizer
 
 TRAIN, EVAL = random_token_dataset(16, 1), random_token_dataset(8, 2)
-LIBS = {"hf": (transformers.Trainer, transformers.TrainingArguments), "lt": (looptrain.Trainer, looptrain.TrainingArguments)}
+LIBS = {
+    "hf": (transformers.Trainer, transformers.TrainingArguments),
+    "lt": (looptrain.Trainer, looptrain.TrainingArguments),
+}
 
 
 @pytest.fixture
@@ -63,8 +66,12 @@ def make_trainer(lib, tmp_path, callbacks=(), model=None, **overrides):
     args.update(overrides)
     targs = make_args(args_cls, tmp_path / lib / "model", **args)
     return trainer_cls(
-        model=model if model is not None else tiny_bert(), args=targs, train_dataset=TRAIN, eval_dataset=EVAL,
-        processing_class=wordpiece_tokenizer(), callbacks=list(callbacks),
+        model=model if model is not None else tiny_bert(),
+        args=targs,
+        train_dataset=TRAIN,
+        eval_dataset=EVAL,
+        processing_class=wordpiece_tokenizer(),
+        callbacks=list(callbacks),
     )
 
 
@@ -127,20 +134,34 @@ def assert_same_uploads(hf_events, lt_events, tmp_path):
 # (hub_strategy, arguments, repository the fake holds before the run, expected commit messages)
 STEP = "Training in progress, step"
 CASES = [
-    pytest.param("end", dict(eval_strategy="steps", eval_steps=1), None, ["End of training"], id="end_with_eval_results"),
     pytest.param(
-        "every_save", dict(hub_model_id="my-org/tiny-bert", hub_private_repo=True, hub_token="hf_arg_token"), None,
-        [f"{STEP} 1", f"{STEP} 2", "End of training"], id="every_save_model_id_private_token",
+        "end", dict(eval_strategy="steps", eval_steps=1), None, ["End of training"], id="end_with_eval_results"
     ),
     pytest.param(
-        "checkpoint", dict(hub_revision="dev"), f"{USER}/model",
+        "every_save",
+        dict(hub_model_id="my-org/tiny-bert", hub_private_repo=True, hub_token="hf_arg_token"),
+        None,
+        [f"{STEP} 1", f"{STEP} 2", "End of training"],
+        id="every_save_model_id_private_token",
+    ),
+    pytest.param(
+        "checkpoint",
+        dict(hub_revision="dev"),
+        f"{USER}/model",
         [f"{STEP} 1", f"{STEP} 1, checkpoint", f"{STEP} 2", f"{STEP} 2, checkpoint", "End of training"],
         id="checkpoint_on_a_branch",
     ),
     pytest.param(
-        "all_checkpoints", dict(save_strategy="epoch", max_steps=-1, num_train_epochs=2), None,
-        ["Training in progress, epoch 1", "Training in progress, epoch 1, checkpoint",
-         "Training in progress, epoch 2", "Training in progress, epoch 2, checkpoint", "End of training"],
+        "all_checkpoints",
+        dict(save_strategy="epoch", max_steps=-1, num_train_epochs=2),
+        None,
+        [
+            "Training in progress, epoch 1",
+            "Training in progress, epoch 1, checkpoint",
+            "Training in progress, epoch 2",
+            "Training in progress, epoch 2, checkpoint",
+            "End of training",
+        ],
         id="all_checkpoints_per_epoch",
     ),
 ]
@@ -207,8 +228,16 @@ def test_push_to_hub_called_directly(hub, tmp_path):
         trainer = make_trainer(lib, tmp_path, model=model, push_to_hub=False, hub_model_id="direct")
         assert trainer.hub_model_id is None and not hub.events
         info = trainer.push_to_hub(
-            "First version", token="hf_call_token", private=True, model_name="my-model", language="en",
-            license="mit", tags=["demo"], finetuned_from="some/base", tasks="text-classification", dataset="my-data",
+            "First version",
+            token="hf_call_token",
+            private=True,
+            model_name="my-model",
+            language="en",
+            license="mit",
+            tags=["demo"],
+            finetuned_from="some/base",
+            tasks="text-classification",
+            dataset="my-data",
         )
         assert info.commit_message == "First version" and trainer.hub_model_id == f"{USER}/direct"
         with open(tmp_path / lib / "model" / "README.md", "w") as f:
@@ -327,8 +356,15 @@ def test_a_path_valued_argument_is_uploaded_like_a_checkpoint_writes_it(hub, tmp
 
     generation_dir = tmp_path / "generation"
     transformers.GenerationConfig(max_length=7).save_pretrained(generation_dir)
-    args = make_args(looptrain.Seq2SeqTrainingArguments, tmp_path / "lt" / "model", per_device_train_batch_size=8,
-                     max_steps=1, save_steps=1, push_to_hub=True, generation_config=pathlib.Path(generation_dir))
+    args = make_args(
+        looptrain.Seq2SeqTrainingArguments,
+        tmp_path / "lt" / "model",
+        per_device_train_batch_size=8,
+        max_steps=1,
+        save_steps=1,
+        push_to_hub=True,
+        generation_config=pathlib.Path(generation_dir),
+    )
     wait = WaitForUploads()
     trainer = looptrain.Trainer(tiny_bert(), args, train_dataset=TRAIN, callbacks=[wait])
     wait.trainer = trainer

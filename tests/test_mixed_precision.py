@@ -19,17 +19,41 @@ import torch
 import transformers
 
 import looptrain
-from helpers import accuracy, assert_parity, params_of, assert_same_params, random_token_dataset, run_both, run_trainer, strip_timing, tiny_bert, tiny_gpt2
+from helpers import (
+    accuracy,
+    assert_parity,
+    assert_same_params,
+    params_of,
+    random_token_dataset,
+    run_both,
+    run_trainer,
+    strip_timing,
+    tiny_bert,
+    tiny_gpt2,
+)
 
 # The semantics doc's reference run (section 11.1): 40 examples, batch 8, GA 2, 2 epochs, eval each epoch.
-REFERENCE = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-                 num_train_epochs=2, eval_strategy="epoch", logging_steps=1, seed=42)
+REFERENCE = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_train_epochs=2,
+    eval_strategy="epoch",
+    logging_steps=1,
+    seed=42,
+)
 FP32_FIRST_LOSS = 1.3842629194259644  # the reference run's step-1 loss in float32
 
 
 def test_bf16_parity_sequence_classifier(tmp_path):
-    hf, lt = run_both(tmp_path, tiny_bert, random_token_dataset(40, 1), random_token_dataset(12, 2),
-                      args=dict(REFERENCE, bf16=True, save_strategy="no"), trainer_kwargs=dict(compute_metrics=accuracy))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        random_token_dataset(40, 1),
+        random_token_dataset(12, 2),
+        args=dict(REFERENCE, bf16=True, save_strategy="no"),
+        trainer_kwargs=dict(compute_metrics=accuracy),
+    )
     assert_parity(hf, lt)
     trainer = lt[0]
     assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.native_amp
@@ -41,9 +65,22 @@ def test_bf16_parity_sequence_classifier(tmp_path):
 def test_bf16_parity_causal_lm_ga2(tmp_path):
     from dist_worker import lm_dataset
 
-    hf, lt = run_both(tmp_path, tiny_gpt2, lm_dataset(20, seed=3), lm_dataset(6, seed=4),
-                      args=dict(bf16=True, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
-                                eval_strategy="steps", eval_steps=3, logging_steps=1, save_strategy="no"))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_gpt2,
+        lm_dataset(20, seed=3),
+        lm_dataset(6, seed=4),
+        args=dict(
+            bf16=True,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            eval_strategy="steps",
+            eval_steps=3,
+            logging_steps=1,
+            save_strategy="no",
+        ),
+    )
     assert_parity(hf, lt)
 
 
@@ -61,7 +98,9 @@ class TrackStep(transformers.TrainerCallback):
 def overflowing_bert():
     """tiny_bert whose classifier-bias gradient is infinite during one chosen step, as an fp16 overflow."""
     model = tiny_bert()
-    model.classifier.bias.register_hook(lambda g: g * float("inf") if STEP["global_step"] == OVERFLOW_BEFORE_STEP else g)
+    model.classifier.bias.register_hook(
+        lambda g: g * float("inf") if STEP["global_step"] == OVERFLOW_BEFORE_STEP else g
+    )
     return model
 
 
@@ -89,8 +128,15 @@ FP16_ARGS = dict(REFERENCE, fp16=True, eval_strategy="no", save_steps=2)
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
 def test_fp16_overflow_step_and_scaler_checkpoint(tmp_path, optim):
-    hf, lt = run_both(tmp_path, overflowing_bert, random_token_dataset(40, 1), args=dict(FP16_ARGS, optim=optim),
-                      trainer_kwargs=dict(callbacks=[TrackStep()]), hf_trainer_cls=HFTrainerFP16, lt_trainer_cls=LTTrainerFP16)
+    hf, lt = run_both(
+        tmp_path,
+        overflowing_bert,
+        random_token_dataset(40, 1),
+        args=dict(FP16_ARGS, optim=optim),
+        trainer_kwargs=dict(callbacks=[TrackStep()]),
+        hf_trainer_cls=HFTrainerFP16,
+        lt_trainer_cls=LTTrainerFP16,
+    )
     assert_parity(hf, lt)
     log = [e for e in strip_timing(lt[0].state.log_history) if "loss" in e]
     assert log[0]["loss"] != FP32_FIRST_LOSS  # fp16 autocast really ran
@@ -115,9 +161,17 @@ def test_fp16_overflow_step_and_scaler_checkpoint(tmp_path, optim):
 def test_fp16_resume_restores_the_scaler(tmp_path):
     """Resuming after the overflow starts from the checkpoint's (halved) scale and ends where the
     uninterrupted run ended."""
-    (full, _), = [run_trainer(LTTrainerFP16, looptrain.TrainingArguments, overflowing_bert, tmp_path / "full",
-                              random_token_dataset(40, 1), args=dict(FP16_ARGS, optim="adamw_torch"),
-                              trainer_kwargs=dict(callbacks=[TrackStep()]))]
+    ((full, _),) = [
+        run_trainer(
+            LTTrainerFP16,
+            looptrain.TrainingArguments,
+            overflowing_bert,
+            tmp_path / "full",
+            random_token_dataset(40, 1),
+            args=dict(FP16_ARGS, optim="adamw_torch"),
+            trainer_kwargs=dict(callbacks=[TrackStep()]),
+        )
+    ]
     scales = []
 
     class RecordScale(transformers.TrainerCallback):
@@ -125,10 +179,16 @@ def test_fp16_resume_restores_the_scaler(tmp_path):
             scales.append(resumed.accelerator.scaler.get_scale())
 
     model = overflowing_bert()
-    args = looptrain.TrainingArguments(output_dir=str(tmp_path / "resumed"), use_cpu=True, report_to="none",
-                                       disable_tqdm=True, **dict(FP16_ARGS, optim="adamw_torch"))
-    resumed = LTTrainerFP16(model=model, args=args, train_dataset=random_token_dataset(40, 1),
-                            callbacks=[TrackStep(), RecordScale()])
+    args = looptrain.TrainingArguments(
+        output_dir=str(tmp_path / "resumed"),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        **dict(FP16_ARGS, optim="adamw_torch"),
+    )
+    resumed = LTTrainerFP16(
+        model=model, args=args, train_dataset=random_token_dataset(40, 1), callbacks=[TrackStep(), RecordScale()]
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert scales == [INIT_SCALE / 2]
     assert_same_params(params_of(full.model), params_of(resumed.model))
@@ -137,20 +197,41 @@ def test_fp16_resume_restores_the_scaler(tmp_path):
 def test_fp16_on_cpu_is_float32_in_trainer_and_refused_by_looptrain(tmp_path):
     """accelerate sets up fp16 autocast and a scaler only on accelerators: on a CPU, Trainer's fp16=True run is
     float32 without a word; looptrain refuses it with an error that says so."""
-    trainer, _ = run_trainer(transformers.Trainer, transformers.TrainingArguments, tiny_bert, tmp_path / "hf", random_token_dataset(40, 1),
-                             args=dict(REFERENCE, fp16=True, eval_strategy="no", num_train_epochs=1, save_strategy="no"))
+    trainer, _ = run_trainer(
+        transformers.Trainer,
+        transformers.TrainingArguments,
+        tiny_bert,
+        tmp_path / "hf",
+        random_token_dataset(40, 1),
+        args=dict(REFERENCE, fp16=True, eval_strategy="no", num_train_epochs=1, save_strategy="no"),
+    )
     assert trainer.accelerator.scaler is None and not trainer.accelerator.native_amp
     assert trainer.state.log_history[0]["loss"] == FP32_FIRST_LOSS
     with pytest.raises(ValueError, match="fp16=True on a CPU does nothing"):
-        run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path / "lt", random_token_dataset(40, 1),
-                    args=dict(REFERENCE, fp16=True, eval_strategy="no", num_train_epochs=1, save_strategy="no"))
+        run_trainer(
+            looptrain.Trainer,
+            looptrain.TrainingArguments,
+            tiny_bert,
+            tmp_path / "lt",
+            random_token_dataset(40, 1),
+            args=dict(REFERENCE, fp16=True, eval_strategy="no", num_train_epochs=1, save_strategy="no"),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ compile
 def test_torch_compile_parity(tmp_path):
-    hf, lt = run_both(tmp_path, tiny_bert, random_token_dataset(16, 1),
-                      args=dict(per_device_train_batch_size=8, max_steps=2, logging_steps=1, save_strategy="no",
-                                torch_compile_backend="aot_eager"))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        random_token_dataset(16, 1),
+        args=dict(
+            per_device_train_batch_size=8,
+            max_steps=2,
+            logging_steps=1,
+            save_strategy="no",
+            torch_compile_backend="aot_eager",
+        ),
+    )
     assert_parity(hf, lt)
     assert lt[0].args.torch_compile  # the backend implies it, as in transformers
     assert type(lt[0].model_wrapped).__name__ == "OptimizedModule"  # accelerate compiled the prepared model

@@ -30,16 +30,24 @@ import transformers
 from transformers.training_args import OptimizerNames
 
 import looptrain
-from looptrain.optim import NEEDS_CUDA, OPTIONAL_PACKAGES, OptimizerPackageError
 from helpers import assert_parity, random_token_dataset, run_both, run_trainer
+from looptrain.optim import NEEDS_CUDA, OPTIONAL_PACKAGES, OptimizerPackageError
 
 NAMES = [o.value for o in OptimizerNames]
 TRAIN, EVAL = random_token_dataset(16, 1), random_token_dataset(8, 2)
 
 # 16 examples, batch 4, accumulation 2, 2 epochs: 4 optimizer steps, each logged, and 2 evaluations.
 BASE = dict(
-    per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2, num_train_epochs=2,
-    eval_strategy="epoch", logging_steps=1, learning_rate=1e-3, weight_decay=0.01, warmup_steps=1, seed=42,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_train_epochs=2,
+    eval_strategy="epoch",
+    logging_steps=1,
+    learning_rate=1e-3,
+    weight_decay=0.01,
+    warmup_steps=1,
+    seed=42,
 )
 LAYERWISE = dict(gradient_accumulation_steps=1)  # transformers refuses accumulation for layer-wise optimizers
 GALORE_ARGS = "rank=4,update_proj_gap=2,scale=0.5,proj_type=std"
@@ -63,8 +71,11 @@ OVERRIDES = {
     "galore_adamw_8bit_layerwise": dict(LAYERWISE, optim_target_modules=["attention"], optim_args=GALORE_ARGS),
     "galore_adafactor_layerwise": dict(LAYERWISE, optim_target_modules=["attention"], optim_args=GALORE_ARGS),
     "apollo_adamw": dict(optim_target_modules="all-linear", optim_args=APOLLO_ARGS),
-    "apollo_adamw_layerwise": dict(LAYERWISE, optim_target_modules=["attention", "intermediate"],
-                                   optim_args="rank=4,update_proj_gap=2,scale_type=tensor"),
+    "apollo_adamw_layerwise": dict(
+        LAYERWISE,
+        optim_target_modules=["attention", "intermediate"],
+        optim_args="rank=4,update_proj_gap=2,scale_type=tensor",
+    ),
     "lomo": LAYERWISE,
     "adalomo": LAYERWISE,
     "grokadamw": dict(optim_args="alpha_init=0.9,lamb=1.5,gamma=0.2,grokking_signal_decay_rate=0.2"),
@@ -83,8 +94,14 @@ FAILS_IN_TRANSFORMERS = {"galore_adafactor_layerwise": "relative_step"}
 def tiny_bert():
     """The tests' tiny BERT (2 layers, hidden 32), with 32x128 feed-forward weights."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
@@ -111,8 +128,12 @@ def args_for(name: str) -> dict:
 
 
 def looptrain_trainer(tmp_path, args: dict):
-    return looptrain.Trainer(model=tiny_bert(), train_dataset=TRAIN, eval_dataset=EVAL, args=looptrain.TrainingArguments(
-        output_dir=str(tmp_path / "lt"), use_cpu=True, report_to="none", **args))
+    return looptrain.Trainer(
+        model=tiny_bert(),
+        train_dataset=TRAIN,
+        eval_dataset=EVAL,
+        args=looptrain.TrainingArguments(output_dir=str(tmp_path / "lt"), use_cpu=True, report_to="none", **args),
+    )
 
 
 def compile_without_codegen(monkeypatch):
@@ -133,14 +154,23 @@ def _assert_quantised(trainer):
 def test_optim(monkeypatch, tmp_path, name):
     status = outcome(name)
     if status.startswith("skipped"):
-        pytest.skip(f"optim={name!r} {status.split(': ', 1)[1]}"
-                    + ("; test_missing_package_is_named checks the error" if not installed(name) else ""))
+        pytest.skip(
+            f"optim={name!r} {status.split(': ', 1)[1]}"
+            + ("; test_missing_package_is_named checks the error" if not installed(name) else "")
+        )
     if status.startswith("refused"):
         # Trainer cannot train it either: it fails, when it builds the optimizer or at the first step.
         cause = "Torch not compiled with CUDA enabled" if name in NEEDS_CUDA else FAILS_IN_TRANSFORMERS[name]
         with pytest.raises(Exception, match=cause):
-            run_trainer(transformers.Trainer, transformers.TrainingArguments, tiny_bert, tmp_path / "hf", TRAIN, EVAL,
-                        args_for(name))
+            run_trainer(
+                transformers.Trainer,
+                transformers.TrainingArguments,
+                tiny_bert,
+                tmp_path / "hf",
+                TRAIN,
+                EVAL,
+                args_for(name),
+            )
         with pytest.raises((RuntimeError, ValueError)) as lt_err:
             looptrain_trainer(tmp_path, args_for(name)).create_optimizer()
         message = str(lt_err.value)
@@ -179,23 +209,32 @@ def test_missing_package_is_named(monkeypatch, tmp_path, name):
         assert isinstance(lt_err.value, type(hf_err.value)), (hf_err.value, lt_err.value)
 
 
-needs = {module: pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed")
-         for module in ("bitsandbytes", "galore_torch", "torchao")}
+needs = {
+    module: pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed")
+    for module in ("bitsandbytes", "galore_torch", "torchao")
+}
 
 
 @needs["galore_torch"]
-@pytest.mark.parametrize("change, error", [
-    (dict(gradient_accumulation_steps=2), "does not support gradient accumulation"),
-    (dict(optim_target_modules=None), "You need to define `optim_target_modules`"),
-    (dict(optim_target_modules=["no_such_module"]), "No target modules found"),
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(gradient_accumulation_steps=2), "does not support gradient accumulation"),
+        (dict(optim_target_modules=None), "You need to define `optim_target_modules`"),
+        (dict(optim_target_modules=["no_such_module"]), "No target modules found"),
+    ],
+)
 def test_galore_setup_errors_are_trainers(tmp_path, change, error):
     """transformers' handler refuses these; looptrain calls the same handler, so the error is the same."""
     args = dict(args_for("galore_adamw_layerwise"), **change)
     messages = []
     for lib in (transformers, looptrain):
-        trainer = lib.Trainer(model=tiny_bert(), args=lib.TrainingArguments(
-            output_dir=str(tmp_path), use_cpu=True, report_to="none", **args), train_dataset=TRAIN, eval_dataset=EVAL)
+        trainer = lib.Trainer(
+            model=tiny_bert(),
+            args=lib.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **args),
+            train_dataset=TRAIN,
+            eval_dataset=EVAL,
+        )
         with pytest.raises(ValueError, match=re.escape(error)) as err:
             trainer.create_optimizer()
         messages.append(str(err.value))
@@ -228,9 +267,16 @@ def test_torchao_block_size_refused_clearly(monkeypatch, tmp_path):
 
     def small_bert():  # every tensor under 4,096 elements: torchao never reads block_size
         torch.manual_seed(0)
-        return transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64))
+        return transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=100,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        )
 
     assert_parity(*run_both(tmp_path / "small", small_bert, TRAIN, EVAL, args=args))
 
@@ -242,14 +288,18 @@ def test_unread_optim_args_and_target_modules_are_trained_as_trainer_does_with_a
     with caplog.at_level(logging.WARNING, logger="looptrain.optim"):
         assert_parity(*run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args))
     warnings = [r.getMessage() for r in caplog.records if r.name == "looptrain.optim"]
-    assert warnings == ["optim_args ['betas'] have no effect: optim='sgd' does not read them.",
-                        "optim_target_modules has no effect: only GaLore and APOLLO optimizers use it, not 'sgd'."]
+    assert warnings == [
+        "optim_args ['betas'] have no effect: optim='sgd' does not read them.",
+        "optim_target_modules has no effect: only GaLore and APOLLO optimizers use it, not 'sgd'.",
+    ]
 
 
 @pytest.mark.parametrize("optim_args", ["momentum", "momentum=0.9,nesterov", "a=b=c"])
 def test_malformed_optim_args(tmp_path, optim_args):
     args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, optim="sgd", optim_args=optim_args)
-    with pytest.raises(ValueError, match=re.escape(f"optim_args={optim_args!r} is not of the form 'key=value,key=value'")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"optim_args={optim_args!r} is not of the form 'key=value,key=value'")
+    ):
         looptrain.Trainer.get_optimizer_cls_and_kwargs(args, tiny_bert())
 
 

@@ -14,15 +14,15 @@ import transformers
 
 import looptrain
 from helpers import (
-    make_args,
-    run_trainer,
+    TIMING_KEYS,
     accuracy,
     accuracy_f1,
     assert_parity,
+    make_args,
     random_token_dataset,
     run_both,
+    run_trainer,
     sentence_pairs,
-    TIMING_KEYS,
     strip_timing,
     tiny_bert,
     tiny_gpt2,
@@ -43,7 +43,10 @@ CASES = [
     ("no_clipping_norm_still_logged", dict(max_grad_norm=0.0)),
     ("adamw_torch_unfused", dict(optim="adamw_torch", weight_decay=0.01)),
     ("cosine_schedule", dict(lr_scheduler_type="cosine", warmup_steps=2)),
-    ("cosine_with_restarts_kwargs", dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2})),
+    (
+        "cosine_with_restarts_kwargs",
+        dict(lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2}),
+    ),
     ("constant_schedule", dict(lr_scheduler_type="constant_with_warmup", warmup_steps=2)),
     ("max_steps_mid_epoch", dict(max_steps=7, eval_strategy="epoch")),
     ("max_steps_ga2_mid_epoch", dict(max_steps=4, gradient_accumulation_steps=2, eval_strategy="epoch")),
@@ -97,7 +100,11 @@ def test_seed_recipe_defaults_parity(tmp_path):
     evals = sentence_pairs(20, seed=2).map(tokenize, batched=True)
     model_fn = lambda: tiny_bert(vocab_size=len(tokenizer))  # noqa: E731
     hf, lt = run_both(
-        tmp_path, model_fn, train, evals, args=dict(eval_strategy="epoch"),
+        tmp_path,
+        model_fn,
+        train,
+        evals,
+        args=dict(eval_strategy="epoch"),
         trainer_kwargs=dict(processing_class=tokenizer, compute_metrics=accuracy_f1),
     )
     assert isinstance(lt[0].data_collator, transformers.DataCollatorWithPadding)
@@ -112,7 +119,10 @@ def test_seed_recipe_with_logging_every_step(tmp_path):
     train = sentence_pairs(30, seed=3).map(tok, batched=True)
     evals = sentence_pairs(9, seed=4).map(tok, batched=True)
     hf, lt = run_both(
-        tmp_path, lambda: tiny_bert(vocab_size=len(tokenizer)), train, evals,
+        tmp_path,
+        lambda: tiny_bert(vocab_size=len(tokenizer)),
+        train,
+        evals,
         args=dict(eval_strategy="epoch", logging_steps=1, gradient_accumulation_steps=2, per_device_train_batch_size=4),
         trainer_kwargs=dict(processing_class=tokenizer, compute_metrics=accuracy_f1),
     )
@@ -152,14 +162,21 @@ def test_causal_lm_token_normalised_loss_parity(tmp_path, ga, loss_type):
     config has `loss_type=None`, so Trainer then counts every label (one token per row too many); looptrain
     reproduces both paths.
     """
+
     def model_fn():
         model = tiny_gpt2()
         model.loss_type = loss_type
         return model
 
     train, evals = _lm_dataset(22, 5), _lm_dataset(7, 6)
-    args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=ga, num_train_epochs=2,
-                logging_steps=1, eval_strategy="epoch", per_device_eval_batch_size=3)
+    args = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        num_train_epochs=2,
+        logging_steps=1,
+        eval_strategy="epoch",
+        per_device_eval_batch_size=3,
+    )
     hf, lt = run_both(tmp_path, model_fn, train, evals, args=args, trainer_kwargs=dict(data_collator=_lm_collator))
     assert lt[0].model_accepts_loss_kwargs
     assert lt[0]._loss_shifts_labels == (loss_type is not None) == hf[0]._loss_shifts_labels
@@ -172,16 +189,27 @@ def test_compute_loss_func_parity(tmp_path):
         return loss / num_items_in_batch
 
     args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch"}
-    hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args,
-                      trainer_kwargs=dict(compute_loss_func=loss_func, compute_metrics=accuracy))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        TRAIN,
+        EVAL,
+        args=args,
+        trainer_kwargs=dict(compute_loss_func=loss_func, compute_metrics=accuracy),
+    )
     assert_parity(hf, lt)
 
 
 def test_model_init_parity(tmp_path):
     """model_init: the model is rebuilt after set_seed(args.seed) inside train()."""
-    hf, lt = run_both(tmp_path, lambda: None, TRAIN, EVAL, args={**BASE, "eval_strategy": "epoch"},
-                      trainer_kwargs=dict(model_init=lambda: tiny_bert(seed=5), compute_metrics=accuracy),
-                      )
+    hf, lt = run_both(
+        tmp_path,
+        lambda: None,
+        TRAIN,
+        EVAL,
+        args={**BASE, "eval_strategy": "epoch"},
+        trainer_kwargs=dict(model_init=lambda: tiny_bert(seed=5), compute_metrics=accuracy),
+    )
     assert_parity(hf, lt)
 
 
@@ -193,8 +221,14 @@ def test_preprocess_logits_and_dict_of_eval_sets(tmp_path):
         return {"accuracy": float((p.predictions == p.label_ids).mean())}
 
     evals = {"first": EVAL, "second": random_token_dataset(9, 3)}
-    hf, lt = run_both(tmp_path, tiny_bert, TRAIN, evals, args={**BASE, "eval_strategy": "epoch"},
-                      trainer_kwargs=dict(compute_metrics=metrics, preprocess_logits_for_metrics=preprocess))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        TRAIN,
+        evals,
+        args={**BASE, "eval_strategy": "epoch"},
+        trainer_kwargs=dict(compute_metrics=metrics, preprocess_logits_for_metrics=preprocess),
+    )
     assert_parity(hf, lt)
     keys = [k for e in lt[0].state.log_history for k in e]
     assert "eval_first_accuracy" in keys and "eval_second_loss" in keys
@@ -235,10 +269,14 @@ def test_evaluate_and_predict_parity(tmp_path, trained):
     with_labels = random_token_dataset(11, 4)
     without_labels = with_labels.remove_columns(["label"])
     results = []
-    for trainer_cls, args_cls, sub in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
-                                       (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
+    for trainer_cls, args_cls, sub in (
+        (transformers.Trainer, transformers.TrainingArguments, "hf"),
+        (looptrain.Trainer, looptrain.TrainingArguments, "lt"),
+    ):
         args = make_args(args_cls, tmp_path / sub, per_device_eval_batch_size=4, num_train_epochs=1, save_strategy="no")
-        trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
+        trainer = trainer_cls(
+            model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy
+        )
         if trained:
             trainer.train()
         results.append((trainer, _direct_calls(trainer, with_labels, without_labels)))
@@ -264,9 +302,23 @@ def test_evaluate_and_predict_parity(tmp_path, trained):
 class Recorder(transformers.TrainerCallback):
     """Records each event with the TrainerState and TrainerControl values it sees."""
 
-    EVENTS = ["on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
-              "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate",
-              "on_prediction_step", "on_save", "on_epoch_end", "on_predict", "on_train_end"]
+    EVENTS = [
+        "on_init_end",
+        "on_train_begin",
+        "on_epoch_begin",
+        "on_step_begin",
+        "on_substep_end",
+        "on_pre_optimizer_step",
+        "on_optimizer_step",
+        "on_step_end",
+        "on_log",
+        "on_evaluate",
+        "on_prediction_step",
+        "on_save",
+        "on_epoch_end",
+        "on_predict",
+        "on_train_end",
+    ]
 
     def __init__(self):
         self.events = []
@@ -276,15 +328,33 @@ class Recorder(transformers.TrainerCallback):
     def _recorder(self, name):
         def record(args, state, control, **kwargs):
             snapshot = {
-                k: getattr(state, k) for k in ("epoch", "global_step", "max_steps", "logging_steps", "eval_steps",
-                                               "save_steps", "train_batch_size", "num_train_epochs", "total_flos",
-                                               "best_metric", "best_global_step", "num_input_tokens_seen")
+                k: getattr(state, k)
+                for k in (
+                    "epoch",
+                    "global_step",
+                    "max_steps",
+                    "logging_steps",
+                    "eval_steps",
+                    "save_steps",
+                    "train_batch_size",
+                    "num_train_epochs",
+                    "total_flos",
+                    "best_metric",
+                    "best_global_step",
+                    "num_input_tokens_seen",
+                )
             }
             snapshot["log_len"] = len(state.log_history)
-            snapshot["control"] = (control.should_log, control.should_evaluate, control.should_save,
-                                   control.should_epoch_stop, control.should_training_stop)
+            snapshot["control"] = (
+                control.should_log,
+                control.should_evaluate,
+                control.should_save,
+                control.should_epoch_stop,
+                control.should_training_stop,
+            )
             snapshot["kwargs"] = sorted(kwargs)
             self.events.append((name, snapshot))
+
         return record
 
 
@@ -295,10 +365,27 @@ def test_callback_events_and_state_parity(tmp_path):
         recorders[sub] = Recorder()
         return dict(callbacks=[recorders[sub]], compute_metrics=accuracy)
 
-    args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch", "logging_steps": 2,
-            "metric_for_best_model": "accuracy", "save_steps": 3}
-    hf = run_trainer(transformers.Trainer, transformers.TrainingArguments, tiny_bert, tmp_path / "hf", TRAIN, EVAL, args, kwargs_for("hf"))
-    lt = run_trainer(looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path / "lt", TRAIN, EVAL, args, kwargs_for("lt"))
+    args = {
+        **BASE,
+        "gradient_accumulation_steps": 2,
+        "eval_strategy": "epoch",
+        "logging_steps": 2,
+        "metric_for_best_model": "accuracy",
+        "save_steps": 3,
+    }
+    hf = run_trainer(
+        transformers.Trainer,
+        transformers.TrainingArguments,
+        tiny_bert,
+        tmp_path / "hf",
+        TRAIN,
+        EVAL,
+        args,
+        kwargs_for("hf"),
+    )
+    lt = run_trainer(
+        looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path / "lt", TRAIN, EVAL, args, kwargs_for("lt")
+    )
     assert_parity(hf, lt)
     hf_events, lt_events = recorders["hf"].events, recorders["lt"].events
     assert [e for e, _ in hf_events] == [e for e, _ in lt_events]
@@ -310,8 +397,15 @@ def test_callback_events_and_state_parity(tmp_path):
 
 
 def test_early_stopping_callback_runs_unchanged(tmp_path):
-    args = {**BASE, "num_train_epochs": 6, "eval_strategy": "epoch", "save_strategy": "epoch",
-            "metric_for_best_model": "loss", "load_best_model_at_end": True, "learning_rate": 1e-3}
+    args = {
+        **BASE,
+        "num_train_epochs": 6,
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "metric_for_best_model": "loss",
+        "load_best_model_at_end": True,
+        "learning_rate": 1e-3,
+    }
     kwargs = dict(callbacks=[transformers.EarlyStoppingCallback(early_stopping_patience=1)], compute_metrics=accuracy)
     hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=kwargs)
     assert_parity(hf, lt)
@@ -340,18 +434,32 @@ class WeightedLT(ClassWeightedLoss, looptrain.Trainer):
 
 def test_subclass_overriding_compute_loss(tmp_path):
     args = {**BASE, "gradient_accumulation_steps": 2, "eval_strategy": "epoch"}
-    hf, lt = run_both(tmp_path, tiny_bert, TRAIN, EVAL, args=args, trainer_kwargs=dict(compute_metrics=accuracy),
-                      hf_trainer_cls=WeightedHF, lt_trainer_cls=WeightedLT)
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        TRAIN,
+        EVAL,
+        args=args,
+        trainer_kwargs=dict(compute_metrics=accuracy),
+        hf_trainer_cls=WeightedHF,
+        lt_trainer_cls=WeightedLT,
+    )
     assert_parity(hf, lt)
 
 
 def test_train_twice_and_evaluate_before_training(tmp_path):
     """evaluate() before train() prepares the model (and adds model_preparation_time); train() may run twice."""
     results = []
-    for trainer_cls, args_cls, sub in ((transformers.Trainer, transformers.TrainingArguments, "hf"),
-                                       (looptrain.Trainer, looptrain.TrainingArguments, "lt")):
-        args = make_args(args_cls, tmp_path / sub, logging_steps=1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no")
-        trainer = trainer_cls(model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy)
+    for trainer_cls, args_cls, sub in (
+        (transformers.Trainer, transformers.TrainingArguments, "hf"),
+        (looptrain.Trainer, looptrain.TrainingArguments, "lt"),
+    ):
+        args = make_args(
+            args_cls, tmp_path / sub, logging_steps=1, num_train_epochs=1, eval_strategy="epoch", save_strategy="no"
+        )
+        trainer = trainer_cls(
+            model=tiny_bert(), args=args, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=accuracy
+        )
         trainer.evaluate()
         trainer.train()
         trainer.train()

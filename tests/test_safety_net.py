@@ -60,11 +60,20 @@ def test_integer_scores_for_a_regression_head_train_as_in_trainer(tmp_path):
 
 def test_text_labels_from_python_are_refused_with_the_fix(tmp_path):
     data = random_token_dataset(8, 0).remove_columns(["label"]).add_column("label", ["positive", "negative"] * 4)
-    hf = transformers.Trainer(tiny_bert(), make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=1), train_dataset=data)
-    with pytest.raises(ValueError, match="too many dimensions 'str'"):  # Trainer: deep in the collator, naming no column
+    hf = transformers.Trainer(
+        tiny_bert(), make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=1), train_dataset=data
+    )
+    with pytest.raises(
+        ValueError, match="too many dimensions 'str'"
+    ):  # Trainer: deep in the collator, naming no column
         _train(hf)
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path / "lt", save_strategy="steps", save_steps=1), train_dataset=data)
-    with pytest.raises(ValueError, match=r"'label' column holds text \('negative', 'positive'.*class_encode_column\('label'\).*num_labels"):
+    trainer = looptrain.Trainer(
+        tiny_bert(), _args(tmp_path / "lt", save_strategy="steps", save_steps=1), train_dataset=data
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"'label' column holds text \('negative', 'positive'.*class_encode_column\('label'\).*num_labels",
+    ):
         _train(trainer)
     assert written(tmp_path / "lt") == []
     encoded = data.class_encode_column("label")  # the fix the message gives, which trains
@@ -76,21 +85,28 @@ def test_text_labels_from_python_are_refused_with_the_fix(tmp_path):
 def test_one_float_per_example_for_several_classes_is_refused(tmp_path):
     data = random_token_dataset(8, 0).remove_columns(["label"]).add_column("label", [0.0, 1.0] * 4)
     trainer = looptrain.Trainer(tiny_bert(num_labels=2), _args(tmp_path), train_dataset=data)
-    with pytest.raises(ValueError, match=r"one float per example \(float64\).*num_labels=2.*cast_column\('label'.*num_labels=1"):
+    with pytest.raises(
+        ValueError, match=r"one float per example \(float64\).*num_labels=2.*cast_column\('label'.*num_labels=1"
+    ):
         _train(trainer)
 
 
 def test_labels_that_do_not_fit_the_head_behind_a_custom_collator_are_explained(tmp_path):
     """A custom collator could have made anything of them, so nothing is said before training; torch's shape error
     is explained at the first batch."""
+
     def collate(features):
         batch = transformers.default_data_collator(features)
         batch["labels"] = batch["labels"].float()
         return batch
 
-    trainer = looptrain.Trainer(tiny_bert(num_labels=2), _args(tmp_path), train_dataset=random_token_dataset(8, 0),
-                                data_collator=collate)
-    with pytest.raises(ValueError, match=r"labels do not fit BertForSequenceClassification's head: labels of shape \(8,\) \(torch.float32\)"):
+    trainer = looptrain.Trainer(
+        tiny_bert(num_labels=2), _args(tmp_path), train_dataset=random_token_dataset(8, 0), data_collator=collate
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"labels do not fit BertForSequenceClassification's head: labels of shape \(8,\) \(torch.float32\)",
+    ):
         _train(trainer)
 
 
@@ -100,8 +116,12 @@ def test_a_frozen_model_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="Every parameter of BertForSequenceClassification has requires_grad=False"):
         _train(looptrain.Trainer(model, _args(tmp_path), train_dataset=random_token_dataset(8, 0)))
     # a frozen body with a trainable head is a setup that trains
-    hf, lt = run_both(tmp_path, _frozen_body, train_dataset=random_token_dataset(16, 0),
-                      args=dict(max_steps=2, logging_steps=1, save_strategy="no"))
+    hf, lt = run_both(
+        tmp_path,
+        _frozen_body,
+        train_dataset=random_token_dataset(16, 0),
+        args=dict(max_steps=2, logging_steps=1, save_strategy="no"),
+    )
     assert_parity(hf, lt)
 
 
@@ -113,63 +133,104 @@ def _frozen_body():
 
 def test_learning_rate_zero_is_refused_but_warmup_from_zero_trains(tmp_path):
     initial = params_of(tiny_bert())
-    hf = transformers.Trainer(tiny_bert(), make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=2, learning_rate=0.0,
-                                                     save_strategy="no"), train_dataset=random_token_dataset(16, 0))
+    hf = transformers.Trainer(
+        tiny_bert(),
+        make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=2, learning_rate=0.0, save_strategy="no"),
+        train_dataset=random_token_dataset(16, 0),
+    )
     _train(hf)
     assert all(torch.equal(initial[n], p) for n, p in params_of(hf.model).items())  # Trainer: a true no-op
     with pytest.raises(ValueError, match="learning_rate=0 with optim='adamw_torch.*leave the weights unchanged"):
-        _train(looptrain.Trainer(tiny_bert(), _args(tmp_path / "lt", learning_rate=0.0), train_dataset=random_token_dataset(16, 0)))
+        _train(
+            looptrain.Trainer(
+                tiny_bert(), _args(tmp_path / "lt", learning_rate=0.0), train_dataset=random_token_dataset(16, 0)
+            )
+        )
     # warmup: the first step's rate is 0, and the run trains
-    hf, lt = run_both(tmp_path / "warmup", tiny_bert, train_dataset=random_token_dataset(16, 0),
-                      args=dict(max_steps=3, warmup_steps=2, logging_steps=1, save_strategy="no"))
+    hf, lt = run_both(
+        tmp_path / "warmup",
+        tiny_bert,
+        train_dataset=random_token_dataset(16, 0),
+        args=dict(max_steps=3, warmup_steps=2, logging_steps=1, save_strategy="no"),
+    )
     assert_parity(hf, lt)
     assert lt[0].state.log_history[0]["learning_rate"] == 0.0
     optimizer = torch.optim.SGD(tiny_bert().parameters(), lr=0.0)
     model = tiny_bert()
     with pytest.raises(ValueError, match=r"SGD\(lr=0\).*learning rate 0"):
-        _train(looptrain.Trainer(model, _args(tmp_path / "sgd"), train_dataset=random_token_dataset(8, 0),
-                                 optimizers=(torch.optim.SGD(model.parameters(), lr=0.0), None)))
+        _train(
+            looptrain.Trainer(
+                model,
+                _args(tmp_path / "sgd"),
+                train_dataset=random_token_dataset(8, 0),
+                optimizers=(torch.optim.SGD(model.parameters(), lr=0.0), None),
+            )
+        )
     del optimizer
 
 
 def test_an_optimizer_of_another_model_or_a_scheduler_of_another_optimizer_is_refused(tmp_path):
     model, other = tiny_bert(), tiny_bert()
     optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
-    hf = transformers.Trainer(model, make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=2, save_strategy="no"),
-                              train_dataset=random_token_dataset(16, 0), optimizers=(optimizer, None))
+    hf = transformers.Trainer(
+        model,
+        make_args(transformers.TrainingArguments, tmp_path / "hf", max_steps=2, save_strategy="no"),
+        train_dataset=random_token_dataset(16, 0),
+        optimizers=(optimizer, None),
+    )
     before = params_of(model)
     _train(hf)
     assert all(torch.equal(before[n], p) for n, p in params_of(model).items())  # Trainer: trains nothing, silently
-    with pytest.raises(ValueError, match=r"optimizers=\(AdamW, ...\) updates \d+ tensors, none of which is a parameter of this BertForSequenceClassification"):
+    with pytest.raises(
+        ValueError,
+        match=r"optimizers=\(AdamW, ...\) updates \d+ tensors, none of which is a parameter of this BertForSequenceClassification",
+    ):
         looptrain.Trainer(tiny_bert(), _args(tmp_path / "lt"), optimizers=(optimizer, None))
     own = tiny_bert()
     own_optimizer = torch.optim.AdamW(own.parameters(), lr=1e-3)
     foreign = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(other.parameters()), lambda s: 1.0)
     with pytest.raises(ValueError, match="the scheduler was built on another optimizer"):
         looptrain.Trainer(own, _args(tmp_path / "lt"), optimizers=(own_optimizer, foreign))
-    with pytest.raises(ValueError, match=r"optimizers=\(None, LambdaLR\): the scheduler was built on an optimizer Trainer never uses"):
+    with pytest.raises(
+        ValueError, match=r"optimizers=\(None, LambdaLR\): the scheduler was built on an optimizer Trainer never uses"
+    ):
         looptrain.Trainer(own, _args(tmp_path / "lt"), optimizers=(None, foreign))
     assert written(tmp_path / "lt") == []
 
 
 def test_a_loss_that_does_not_reach_the_parameters_stops_at_the_first_step(tmp_path):
     # detached: torch fails in backward; the error says why
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, save_strategy="steps", save_steps=1), train_dataset=random_token_dataset(8, 0),
-                                compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs["logits"].mean().detach())
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path, save_strategy="steps", save_steps=1),
+        train_dataset=random_token_dataset(8, 0),
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs["logits"].mean().detach(),
+    )
     with pytest.raises(RuntimeError, match="not connected to any trainable parameter.*detached"):
         _train(trainer)
     # a loss with a gradient that reaches no parameter: backward succeeds, and no optimizer step could change anything
     weight = torch.ones(2, requires_grad=True)
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, save_strategy="steps", save_steps=1), train_dataset=random_token_dataset(8, 0),
-                                compute_loss_func=lambda outputs, labels, num_items_in_batch=None: (outputs["logits"].detach() * weight).mean())
-    with pytest.raises(RuntimeError, match="After the first backward pass none of the \\d+ tensors the optimizer updates has a gradient"):
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path, save_strategy="steps", save_steps=1),
+        train_dataset=random_token_dataset(8, 0),
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: (outputs["logits"].detach() * weight).mean(),
+    )
+    with pytest.raises(
+        RuntimeError,
+        match="After the first backward pass none of the \\d+ tensors the optimizer updates has a gradient",
+    ):
         _train(trainer)
     assert trainer.state.global_step == 0 and written(tmp_path) == []
     # the optimizer on frozen parameters of this model
     model = tiny_bert()
     model.bert.embeddings.requires_grad_(False)
-    trainer = looptrain.Trainer(model, _args(tmp_path), train_dataset=random_token_dataset(8, 0),
-                                optimizers=(torch.optim.AdamW(model.bert.embeddings.parameters()), None))
+    trainer = looptrain.Trainer(
+        model,
+        _args(tmp_path),
+        train_dataset=random_token_dataset(8, 0),
+        optimizers=(torch.optim.AdamW(model.bert.embeddings.parameters()), None),
+    )
     with pytest.raises(RuntimeError, match="none of the 5 tensors the optimizer updates has a gradient"):
         _train(trainer)
 
@@ -178,7 +239,9 @@ def test_a_loss_that_does_not_reach_the_parameters_stops_at_the_first_step(tmp_p
 def test_callbacks_that_are_not_callbacks_are_refused_when_constructed(tmp_path):
     with pytest.raises(AttributeError, match="no attribute 'on_init_end'"):  # Trainer
         transformers.Trainer(tiny_bert(), make_args(transformers.TrainingArguments, tmp_path), callbacks=[print])
-    with pytest.raises(TypeError, match="callbacks holds <built-in function print>, which is not a transformers.TrainerCallback"):
+    with pytest.raises(
+        TypeError, match="callbacks holds <built-in function print>, which is not a transformers.TrainerCallback"
+    ):
         looptrain.Trainer(tiny_bert(), _args(tmp_path), callbacks=[print])
     with pytest.raises(TypeError, match="callbacks must be a list"):
         looptrain.Trainer(tiny_bert(), _args(tmp_path), callbacks=transformers.PrinterCallback())
@@ -189,7 +252,11 @@ def test_callbacks_that_are_not_callbacks_are_refused_when_constructed(tmp_path)
                 return lambda *args, **kwargs: None
             raise AttributeError(name)
 
-    _train(looptrain.Trainer(tiny_bert(), _args(tmp_path), train_dataset=random_token_dataset(8, 0), callbacks=[DuckTyped()]))
+    _train(
+        looptrain.Trainer(
+            tiny_bert(), _args(tmp_path), train_dataset=random_token_dataset(8, 0), callbacks=[DuckTyped()]
+        )
+    )
 
 
 def test_output_dir_naming_a_file_is_one_error_before_anything_is_written(tmp_path):
@@ -219,9 +286,13 @@ def test_arguments_that_cannot_mean_anything(tmp_path):
 # ============================================================================================ saves
 def test_a_save_that_fails_midway_removes_its_staging_folder(tmp_path):
     """A metric JSON cannot encode makes trainer_state.json fail, after the weights and optimizer were written."""
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, eval_strategy="steps",
-                                                   eval_steps=2), train_dataset=random_token_dataset(16, 0),
-                                eval_dataset=random_token_dataset(8, 1), compute_metrics=lambda p: {"classes": {0, 1}})
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=random_token_dataset(16, 0),
+        eval_dataset=random_token_dataset(8, 1),
+        compute_metrics=lambda p: {"classes": {0, 1}},
+    )
     with pytest.raises(TypeError, match="not JSON serializable"):
         _train(trainer)
     assert written(tmp_path) == []  # no .tmp-checkpoint-2 with weights and optimizer state inside
@@ -233,7 +304,11 @@ def test_a_killed_saves_leftovers_are_removed_by_the_next_run(tmp_path):
         (tmp_path / name / "rng_state.pth").write_bytes(b"")
     os.symlink(tmp_path / ".tmp-notes", tmp_path / ".tmp-checkpoint-8")  # a link: never followed
     _train(looptrain.Trainer(tiny_bert(), _args(tmp_path, max_steps=1), train_dataset=random_token_dataset(8, 0)))
-    assert written(tmp_path) == [".tmp-checkpoint-8", ".tmp-notes", "checkpoint-5"]  # only looptrain's staging folders went
+    assert written(tmp_path) == [
+        ".tmp-checkpoint-8",
+        ".tmp-notes",
+        "checkpoint-5",
+    ]  # only looptrain's staging folders went
     assert os.path.isfile(tmp_path / ".tmp-notes" / "rng_state.pth")
 
 
@@ -260,10 +335,29 @@ def test_two_machines_with_their_own_disks_or_one_shared(tmp_path):
     procs = []
     for rank in (0, 1):
         os.makedirs(tmp_path / f"node{rank}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               os.path.join(ROOT, "tests", "machines_worker.py"), "--shared", str(shared)]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.join(ROOT, "tests", "machines_worker.py"),
+            "--shared",
+            str(shared),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=tmp_path / f"node{rank}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     # machine 1's own disk: what Trainer writes there, checkpoint-<N>/rng_state_1.pth, and no staging folder
@@ -284,15 +378,31 @@ def test_two_machines_with_their_own_disks_or_one_shared(tmp_path):
 # ============================================================================================ the launch
 def test_a_launch_that_started_fewer_processes_than_asked_says_so(tmp_path):
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         import looptrain
         from helpers import tiny_bert
         looptrain.Trainer(tiny_bert(), looptrain.TrainingArguments(output_dir={str(tmp_path / "out")!r}, report_to="none"))
-    """))
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2", str(script)],
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """)
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.accelerate_cli",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate launch was asked for 2 processes (--num_processes 2), but 1 started" in result.stderr
     assert "accelerate launch --multi_gpu --num_processes 2" in result.stderr
@@ -353,20 +463,44 @@ def _job_result(out):
         log = strip_timing(json.load(f)["log_history"])
     with open(os.path.join(out, "eval_results.json")) as f:
         evaluation = {k: v for k, v in json.load(f).items() if not any(t in k for t in ("runtime", "per_second"))}
-    return [e for e in log if "train_runtime" not in e and "train_loss" not in e], evaluation, load_file(os.path.join(out, "model.safetensors"))
+    return (
+        [e for e in log if "train_runtime" not in e and "train_loss" not in e],
+        evaluation,
+        load_file(os.path.join(out, "model.safetensors")),
+    )
 
 
 def test_the_job_on_sigterm_saves_skips_the_rest_says_how_to_resume_and_exits_143(tmp_path, job):
-    common = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--disable_tqdm", "true",
-              "--report_to", "none", "--save_strategy", "steps", "--save_steps", "100", "--max_eval_samples", "16",
-              "--do_train", "--do_eval"]
+    common = [
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "100",
+        "--max_eval_samples",
+        "16",
+        "--do_train",
+        "--do_eval",
+    ]
     out = str(tmp_path / "res")
     code, stderr = _run_cli(job, [*common, "--output_dir", out], _interrupting(2, "sigterm"))
     assert code == 143, stderr
     assert f"train.py: stopped by SIGTERM after step 2 of 4. The checkpoint is {out}/checkpoint-2" in stderr
     assert written(out) == ["checkpoint-2"]  # no final model, train_results.json, evaluation or chart
     command = shlex.split(stderr.strip().splitlines()[-1])
-    assert command[:2] == ["python", sys.argv[0]] and command[-2:] == ["--resume_from_checkpoint", f"{out}/checkpoint-2"]
+    assert command[:2] == ["python", sys.argv[0]] and command[-2:] == [
+        "--resume_from_checkpoint",
+        f"{out}/checkpoint-2",
+    ]
     code, stderr = _run_cli(job, command[2:])
     assert code == 0, stderr
     uninterrupted = str(tmp_path / "whole")
@@ -378,8 +512,23 @@ def test_the_job_on_sigterm_saves_skips_the_rest_says_how_to_resume_and_exits_14
 
 def test_the_job_on_ctrl_c_names_the_last_checkpoint(tmp_path, job):
     out = str(tmp_path / "res")
-    argv = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--disable_tqdm", "true", "--report_to", "none",
-            "--save_strategy", "steps", "--save_steps", "2", "--do_train", "--output_dir", out]
+    argv = [
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--do_train",
+        "--output_dir",
+        out,
+    ]
     code, stderr = _run_cli(job, argv, _interrupting(3, "ctrl-c"))
     assert code == 130
     assert f"train.py: interrupted. The last checkpoint is {out}/checkpoint-2. Resume with:" in stderr
@@ -390,20 +539,37 @@ def test_the_job_with_an_output_dir_that_is_a_file_is_one_line(tmp_path, job):
     path = tmp_path / "res"
     path.write_text("")
     code, stderr = _run_cli(job, ["--output_dir", str(path), "--max_steps", "1"])
-    assert code == 2 and stderr == f"train.py: error: --output_dir {path} is an existing file, not a folder; choose another --output_dir.\n"
+    assert (
+        code == 2
+        and stderr
+        == f"train.py: error: --output_dir {path} is an existing file, not a folder; choose another --output_dir.\n"
+    )
 
 
 def test_checks_refuse_only_what_this_run_reads(tmp_path):
     """Unpadded sequences of varying length stack in batches of one; an evaluation set with text labels is not
     read by a run that never evaluates: Trainer trains both, and so does looptrain, identically."""
     rng = np.random.default_rng(0)
-    ragged = Dataset.from_dict({"input_ids": [rng.integers(5, 100, 4 + i).tolist() for i in range(6)], "label": [0, 1] * 3})
+    ragged = Dataset.from_dict(
+        {"input_ids": [rng.integers(5, 100, 4 + i).tolist() for i in range(6)], "label": [0, 1] * 3}
+    )
     text_labels = random_token_dataset(8, 1).remove_columns(["label"]).add_column("label", ["yes", "no"] * 4)
-    hf, lt = run_both(tmp_path, tiny_bert, train_dataset=ragged, eval_dataset=text_labels,
-                      args=dict(max_steps=3, per_device_train_batch_size=1, logging_steps=1, save_strategy="no"),
-                      trainer_kwargs=dict(data_collator=transformers.default_data_collator))
+    hf, lt = run_both(
+        tmp_path,
+        tiny_bert,
+        train_dataset=ragged,
+        eval_dataset=text_labels,
+        args=dict(max_steps=3, per_device_train_batch_size=1, logging_steps=1, save_strategy="no"),
+        trainer_kwargs=dict(data_collator=transformers.default_data_collator),
+    )
     assert_parity(hf, lt)
-    trainer = looptrain.Trainer(tiny_bert(), _args(tmp_path / "two", per_device_train_batch_size=2), train_dataset=ragged,
-                                data_collator=transformers.default_data_collator)
-    with pytest.raises(ValueError, match="'input_ids' sequences have 4 to 9 tokens, and default_data_collator does not pad"):
+    trainer = looptrain.Trainer(
+        tiny_bert(),
+        _args(tmp_path / "two", per_device_train_batch_size=2),
+        train_dataset=ragged,
+        data_collator=transformers.default_data_collator,
+    )
+    with pytest.raises(
+        ValueError, match="'input_ids' sequences have 4 to 9 tokens, and default_data_collator does not pad"
+    ):
         _train(trainer)

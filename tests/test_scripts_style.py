@@ -32,17 +32,38 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import looptrain
 from helpers import TIMING_KEYS, WORDS, wordpiece_tokenizer
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts_style"
 
 # Common arguments: 8 optimizer steps of 4 rows, a log every 2 steps, an evaluation every 4.
 COMMON = [
-    "--do_train", "--do_eval", "--max_steps", "8", "--per_device_train_batch_size", "4",
-    "--per_device_eval_batch_size", "8", "--learning_rate", "5e-4", "--seed", "42", "--report_to", "none",
-    "--logging_steps", "2", "--eval_strategy", "steps", "--eval_steps", "4", "--save_strategy", "no",
-    "--disable_tqdm", "true", "--use_cpu", "true",
+    "--do_train",
+    "--do_eval",
+    "--max_steps",
+    "8",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--learning_rate",
+    "5e-4",
+    "--seed",
+    "42",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "2",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "4",
+    "--save_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
 ]
 
 
@@ -82,8 +103,12 @@ def _build_models(root):
     tokenizer = wordpiece_tokenizer()
     tokenizer.model_max_length = 128
     config = transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     # The encoder with an MLM head: each script's task head is initialised by the script, after its set_seed.
     transformers.BertForMaskedLM(config).save_pretrained(root / "bert")
@@ -92,23 +117,35 @@ def _build_models(root):
     torch.manual_seed(0)
     eot = "<|endoftext|>"
     tokenizer = _wordlevel_tokenizer([eot], False, unk_token=eot, bos_token=eot, eos_token=eot)
-    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
 
     torch.manual_seed(0)
-    tokenizer = _wordlevel_tokenizer(["<pad>", "</s>", "<unk>"], True, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = _wordlevel_tokenizer(
+        ["<pad>", "</s>", "<unk>"], True, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     config = transformers.T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     transformers.T5ForConditionalGeneration(config).save_pretrained(root / "t5")
     tokenizer.save_pretrained(root / "t5")
 
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(root / "vit")
     transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
 
@@ -136,7 +173,10 @@ def _build_data(root, rng):
 
         rows = []
         for _ in range(n):
-            words = [rng.choice(list(ENTITIES)) if rng.random() < 0.3 else rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
+            words = [
+                rng.choice(list(ENTITIES)) if rng.random() < 0.3 else rng.choice(WORDS)
+                for _ in range(rng.randint(3, 9))
+            ]
             rows.append({"tokens": words, "tags": [f"B-{ENTITIES[w]}" if w in ENTITIES else "O" for w in words]})
         _write_json_lines(root / "ner" / f"{split}.json", rows)
 
@@ -145,16 +185,25 @@ def _build_data(root, rng):
             words = [rng.choice(WORDS) for _ in range(rng.randint(10, 30))]  # some contexts need two windows
             at, answer = rng.randrange(len(words)), rng.choice(list(ENTITIES))
             words.insert(at, answer)
-            rows.append({
-                "id": f"{split}-{i}", "question": f"who {rng.choice(WORDS)} the {rng.choice(WORDS)} ?",
-                "context": " ".join(words),
-                "answers": {"text": [answer], "answer_start": [len(" ".join(words[:at])) + (at > 0)]},
-            })
+            rows.append(
+                {
+                    "id": f"{split}-{i}",
+                    "question": f"who {rng.choice(WORDS)} the {rng.choice(WORDS)} ?",
+                    "context": " ".join(words),
+                    "answers": {"text": [answer], "answer_start": [len(" ".join(words[:at])) + (at > 0)]},
+                }
+            )
         (root / "qa" / f"{split}.json").write_text(json.dumps({"version": "tiny", "data": rows}))
 
-        rows = [[_sentence(rng), _sentence(rng, 1, 3)] + [_sentence(rng, 2, 5) for _ in range(4)] + [rng.randrange(4)]
-                for _ in range(n)]
-        _write_csv(root / "choice" / f"{split}.csv", ["context", "start", "ending0", "ending1", "ending2", "ending3", "label"], rows)
+        rows = [
+            [_sentence(rng), _sentence(rng, 1, 3)] + [_sentence(rng, 2, 5) for _ in range(4)] + [rng.randrange(4)]
+            for _ in range(n)
+        ]
+        _write_csv(
+            root / "choice" / f"{split}.csv",
+            ["context", "start", "ending0", "ending1", "ending2", "ending3", "label"],
+            rows,
+        )
 
         rows = []
         for _ in range(n):
@@ -236,13 +285,24 @@ def assert_same_outputs(reference: pathlib.Path, other: pathlib.Path) -> list[st
     compared = []
     ref_state = json.loads((reference / "trainer_state.json").read_text())
     state = json.loads((other / "trainer_state.json").read_text())
-    ref_log, log = [_without_timing(e) for e in ref_state["log_history"]], [_without_timing(e) for e in state["log_history"]]
+    ref_log, log = (
+        [_without_timing(e) for e in ref_state["log_history"]],
+        [_without_timing(e) for e in state["log_history"]],
+    )
     assert len(ref_log) == len(log), f"{len(ref_log)} vs {len(log)} log entries:\n{ref_log}\n{log}"
     for i, (a, b) in enumerate(zip(ref_log, log)):
         assert list(a) == list(b), f"log entry {i}: keys {list(a)} vs {list(b)}"
         assert a == b, f"log entry {i} differs:\n  transformers: {a}\n  looptrain:    {b}"
-    for key in ("global_step", "epoch", "max_steps", "num_train_epochs", "total_flos", "train_batch_size",
-                "best_metric", "best_global_step"):
+    for key in (
+        "global_step",
+        "epoch",
+        "max_steps",
+        "num_train_epochs",
+        "total_flos",
+        "train_batch_size",
+        "best_metric",
+        "best_global_step",
+    ):
         assert ref_state[key] == state[key], f"trainer_state.json {key}: {ref_state[key]} vs {state[key]}"
     best = [s["best_model_checkpoint"] and pathlib.Path(s["best_model_checkpoint"]).name for s in (ref_state, state)]
     assert best[0] == best[1], f"best_model_checkpoint: {best[0]} vs {best[1]}"
@@ -250,7 +310,11 @@ def assert_same_outputs(reference: pathlib.Path, other: pathlib.Path) -> list[st
 
     ref_weights, weights = load_file(reference / "model.safetensors"), load_file(other / "model.safetensors")
     assert ref_weights.keys() == weights.keys()
-    different = [n for n in ref_weights if ref_weights[n].dtype != weights[n].dtype or not torch.equal(ref_weights[n], weights[n])]
+    different = [
+        n
+        for n in ref_weights
+        if ref_weights[n].dtype != weights[n].dtype or not torch.equal(ref_weights[n], weights[n])
+    ]
     assert not different, f"model.safetensors differs in {different[:5]}"
     compared.append("model.safetensors")
 
@@ -261,7 +325,9 @@ def assert_same_outputs(reference: pathlib.Path, other: pathlib.Path) -> list[st
         assert _without_timing(a) == _without_timing(b), f"{name}:\n  transformers: {a}\n  looptrain:    {b}"
         compared.append(name)
 
-    predictions = [p.name for p in reference.iterdir() if p.name in PREDICTION_FILES or p.name.endswith("predictions.json")]
+    predictions = [
+        p.name for p in reference.iterdir() if p.name in PREDICTION_FILES or p.name.endswith("predictions.json")
+    ]
     predictions.append("README.md")  # the model card (create_model_card)
     for name in sorted(predictions):
         assert (other / name).is_file(), f"{name} missing"
@@ -300,34 +366,124 @@ def _files(folder, ext, splits=("train", "validation", "test")):
 
 # setup -> (script, arguments beyond COMMON, whether they are given as a JSON file)
 SETUPS = {
-    "classification": lambda a: ("run_classification.py", [
-        "--model_name_or_path", str(a / "bert"), *_files(a / "classification", "csv"), "--max_seq_length", "32",
-        "--do_predict"], False),
-    "clm": lambda a: ("run_clm.py", [
-        "--model_name_or_path", str(a / "gpt2"), *_files(a / "lm", "txt", ("train", "validation")),
-        "--block_size", "16"], False),
-    "mlm": lambda a: ("run_mlm.py", [
-        "--model_name_or_path", str(a / "bert"), *_files(a / "lm", "txt", ("train", "validation")),
-        "--max_seq_length", "16"], True),
-    "ner": lambda a: ("run_ner.py", [
-        "--model_name_or_path", str(a / "bert"), *_files(a / "ner", "json"), "--do_predict"], True),
-    "qa": lambda a: ("run_qa.py", [
-        "--model_name_or_path", str(a / "bert"), *_files(a / "qa", "json"), "--max_seq_length", "32",
-        "--doc_stride", "8", "--do_predict"], True),
-    "multiple_choice": lambda a: ("run_multiple_choice.py", [
-        "--model_name_or_path", str(a / "bert"), *_files(a / "choice", "csv", ("train", "validation")),
-        "--max_seq_length", "32"], False),
-    "image": lambda a: ("run_image_classification.py", [
-        "--model_name_or_path", str(a / "vit"), "--train_dir", str(a / "images" / "train"),
-        "--validation_dir", str(a / "images" / "validation"), "--remove_unused_columns", "false"], False),
-    "summarization": lambda a: ("run_seq2seq.py", [
-        "--model_name_or_path", str(a / "t5"), *_files(a / "summarization", "csv"), "--max_source_length", "48",
-        "--max_target_length", "8", "--predict_with_generate", "--generation_max_length", "8", "--do_predict",
-        "--source_prefix", "summarize: "], False),
-    "translation": lambda a: ("run_seq2seq.py", [
-        "--model_name_or_path", str(a / "t5"), *_files(a / "translation", "json"), "--source_lang", "en",
-        "--target_lang", "xx", "--max_target_length", "10", "--predict_with_generate", "--do_predict",
-        "--generation_max_length", "10", "--generation_num_beams", "2"], True),
+    "classification": lambda a: (
+        "run_classification.py",
+        [
+            "--model_name_or_path",
+            str(a / "bert"),
+            *_files(a / "classification", "csv"),
+            "--max_seq_length",
+            "32",
+            "--do_predict",
+        ],
+        False,
+    ),
+    "clm": lambda a: (
+        "run_clm.py",
+        [
+            "--model_name_or_path",
+            str(a / "gpt2"),
+            *_files(a / "lm", "txt", ("train", "validation")),
+            "--block_size",
+            "16",
+        ],
+        False,
+    ),
+    "mlm": lambda a: (
+        "run_mlm.py",
+        [
+            "--model_name_or_path",
+            str(a / "bert"),
+            *_files(a / "lm", "txt", ("train", "validation")),
+            "--max_seq_length",
+            "16",
+        ],
+        True,
+    ),
+    "ner": lambda a: (
+        "run_ner.py",
+        ["--model_name_or_path", str(a / "bert"), *_files(a / "ner", "json"), "--do_predict"],
+        True,
+    ),
+    "qa": lambda a: (
+        "run_qa.py",
+        [
+            "--model_name_or_path",
+            str(a / "bert"),
+            *_files(a / "qa", "json"),
+            "--max_seq_length",
+            "32",
+            "--doc_stride",
+            "8",
+            "--do_predict",
+        ],
+        True,
+    ),
+    "multiple_choice": lambda a: (
+        "run_multiple_choice.py",
+        [
+            "--model_name_or_path",
+            str(a / "bert"),
+            *_files(a / "choice", "csv", ("train", "validation")),
+            "--max_seq_length",
+            "32",
+        ],
+        False,
+    ),
+    "image": lambda a: (
+        "run_image_classification.py",
+        [
+            "--model_name_or_path",
+            str(a / "vit"),
+            "--train_dir",
+            str(a / "images" / "train"),
+            "--validation_dir",
+            str(a / "images" / "validation"),
+            "--remove_unused_columns",
+            "false",
+        ],
+        False,
+    ),
+    "summarization": lambda a: (
+        "run_seq2seq.py",
+        [
+            "--model_name_or_path",
+            str(a / "t5"),
+            *_files(a / "summarization", "csv"),
+            "--max_source_length",
+            "48",
+            "--max_target_length",
+            "8",
+            "--predict_with_generate",
+            "--generation_max_length",
+            "8",
+            "--do_predict",
+            "--source_prefix",
+            "summarize: ",
+        ],
+        False,
+    ),
+    "translation": lambda a: (
+        "run_seq2seq.py",
+        [
+            "--model_name_or_path",
+            str(a / "t5"),
+            *_files(a / "translation", "json"),
+            "--source_lang",
+            "en",
+            "--target_lang",
+            "xx",
+            "--max_target_length",
+            "10",
+            "--predict_with_generate",
+            "--do_predict",
+            "--generation_max_length",
+            "10",
+            "--generation_num_beams",
+            "2",
+        ],
+        True,
+    ),
 }
 PREDICTIONS_WRITTEN = {
     "classification": ["predict_results.txt"],
@@ -372,9 +528,24 @@ def test_script_matches_transformers(runs, setup, impl):
 # Options scripts are often run with, together: accumulation, length-grouped sampling, a cosine schedule with
 # warmup, and the best checkpoint (by the eval accuracy) loaded at the end, the other one deleted.
 OPTIONS = (
-    "--gradient_accumulation_steps", "2", "--train_sampling_strategy", "group_by_length", "--lr_scheduler_type",
-    "cosine", "--warmup_steps", "0.25", "--load_best_model_at_end", "true", "--metric_for_best_model", "accuracy",
-    "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "1",
+    "--gradient_accumulation_steps",
+    "2",
+    "--train_sampling_strategy",
+    "group_by_length",
+    "--lr_scheduler_type",
+    "cosine",
+    "--warmup_steps",
+    "0.25",
+    "--load_best_model_at_end",
+    "true",
+    "--metric_for_best_model",
+    "accuracy",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "4",
+    "--save_total_limit",
+    "1",
 )
 
 

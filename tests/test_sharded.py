@@ -21,9 +21,9 @@ import sys
 
 import pytest
 import torch
+from test_distributed import free_port
 
 import sharded_worker
-from test_distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharded_worker.py")
@@ -31,10 +31,29 @@ RESUMED = ("looptrain_from_looptrain", "looptrain_from_transformers", "transform
 
 
 def launch(tmp, mode: str, processes: int) -> dict:
-    env = dict(os.environ, HF_HOME=str(tmp / "hf_home"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           str(free_port()), WORKER, "--mode", mode, "--out", str(tmp / "result"), "--workdir", str(tmp / "work")]
+    env = dict(
+        os.environ,
+        HF_HOME=str(tmp / "hf_home"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        WORKER,
+        "--mode",
+        mode,
+        "--out",
+        str(tmp / "result"),
+        "--workdir",
+        str(tmp / "work"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"{mode} launch failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
@@ -82,7 +101,9 @@ def assert_same_files(runs: dict) -> None:
     lt_files = set(runs["looptrain"]["checkpoint_files"])
     assert hf_files <= lt_files, f"files Trainer writes and looptrain does not: {sorted(hf_files - lt_files)}"
     # looptrain's own: the loop's state, and the arguments as JSON where Trainer pickles them (when _save runs)
-    own = {"looptrain_state.json"} | ({"training_args.json"} if "training_args.bin" in runs["transformers"]["checkpoint_files"] else set())
+    own = {"looptrain_state.json"} | (
+        {"training_args.json"} if "training_args.bin" in runs["transformers"]["checkpoint_files"] else set()
+    )
     assert lt_files - hf_files == own
     assert runs["looptrain"]["leftovers"] == []  # the staging folder was renamed
 
@@ -99,7 +120,10 @@ def test_fsdp_plugin_equals_trainers_for_each_combination_of_arguments(fsdp):
     # the combinations really differ (the comparison is not of ten defaults)
     assert plugins["version 1, hybrid_shard, prefetch"]["looptrain"]["fsdp_version"] == 1
     assert plugins["string shard_grad_op offload"]["looptrain"]["reshard_after_forward"] is False
-    assert plugins["bf16"]["looptrain"]["mixed_precision_policy"] != plugins["fsdp=True"]["looptrain"]["mixed_precision_policy"]
+    assert (
+        plugins["bf16"]["looptrain"]["mixed_precision_policy"]
+        != plugins["fsdp=True"]["looptrain"]["mixed_precision_policy"]
+    )
     yaml_plugin = plugins["accelerate config file (fsdp.yaml)"]["looptrain"]
     assert yaml_plugin["transformer_cls_names_to_wrap"] == ["BertLayer"]
     assert yaml_plugin["state_dict_type"].endswith("FULL_STATE_DICT")
@@ -114,7 +138,10 @@ def test_fsdp_resume_restores_the_complete_optimizer_state(fsdp, state_dict_type
     for name in ("looptrain", *RESUMED):
         assert fsdp[1][state_dict_type][name]["end"] == runs[name]["end"]
     # each rank's own shard of the optimizer state differs: one rank's shard would not be the whole
-    assert fsdp[0][state_dict_type]["looptrain"]["local_optimizer_shard"] != fsdp[1][state_dict_type]["looptrain"]["local_optimizer_shard"]
+    assert (
+        fsdp[0][state_dict_type]["looptrain"]["local_optimizer_shard"]
+        != fsdp[1][state_dict_type]["looptrain"]["local_optimizer_shard"]
+    )
 
 
 def test_fsdp_checkpoints_are_trainers(fsdp):
@@ -143,7 +170,9 @@ def test_deepspeed_config_equals_trainers(deepspeed):
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 8 and config["gradient_clipping"] == 0.5
     assert config["optimizer"]["params"]["lr"] == 1e-3 and config["optimizer"]["params"]["weight_decay"] == 0.01
-    assert config["scheduler"]["params"]["total_num_steps"] == 4 and config["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert (
+        config["scheduler"]["params"]["total_num_steps"] == 4 and config["scheduler"]["params"]["warmup_num_steps"] == 1
+    )
     from_file = results["config_file"]
     assert from_file["looptrain"]["enabled"] and from_file["looptrain"] == from_file["transformers"]
     config = from_file["looptrain"]["config"]
@@ -182,13 +211,17 @@ class Payload:
 def test_sharded_checkpoint_files_that_reference_code_are_refused(tmp_path):
     """torch.distributed.checkpoint's metadata is a plain pickle and DeepSpeed unpickles its files: a resume refuses
     either when it references anything but their own classes, before their loaders run."""
-    from looptrain.checkpoint import CheckpointError, check_sharded_files
-
     # a well-formed torch.distributed.checkpoint folder passes
     import torch.distributed.checkpoint as dcp
 
+    from looptrain.checkpoint import CheckpointError, check_sharded_files
+
     good = tmp_path / "good"
-    dcp.save({"model": {"w": torch.ones(3)}}, storage_writer=dcp.FileSystemWriter(str(good / "pytorch_model_fsdp_0")), no_dist=True)
+    dcp.save(
+        {"model": {"w": torch.ones(3)}},
+        storage_writer=dcp.FileSystemWriter(str(good / "pytorch_model_fsdp_0")),
+        no_dist=True,
+    )
     check_sharded_files(str(good))
 
     bad = tmp_path / "bad"
@@ -199,7 +232,9 @@ def test_sharded_checkpoint_files_that_reference_code_are_refused(tmp_path):
 
     ds = tmp_path / "ds"
     (ds / "global_step3").mkdir(parents=True)
-    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19"}, ds / "global_step3" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {"w": torch.ones(2)}, "ds_version": "0.19"}, ds / "global_step3" / "mp_rank_00_model_states.pt"
+    )
     check_sharded_files(str(ds))
     torch.save({"optimizer_state_dict": Payload()}, ds / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match="references .*Payload"):
@@ -209,7 +244,6 @@ def test_sharded_checkpoint_files_that_reference_code_are_refused(tmp_path):
 def test_fsdp_checkpoint_without_fsdp_is_refused(tmp_path):
     """Trainer's rule: FSDP-sharded weights resume only under FSDP; said before anything is loaded."""
     from helpers import tiny_bert
-
     from looptrain.checkpoint import CheckpointError, load_weights
 
     (tmp_path / "pytorch_model_fsdp_0").mkdir()

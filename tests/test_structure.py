@@ -57,11 +57,35 @@ def test_not_a_subclass_of_transformers_trainer():
     assert not issubclass(looptrain.Trainer, transformers.Trainer)
 
 
-HOOKS = ["compute_loss", "training_step", "prediction_step", "evaluation_loop", "create_optimizer", "create_scheduler",
-         "create_optimizer_and_scheduler", "get_train_dataloader", "get_eval_dataloader", "get_test_dataloader", "log",
-         "evaluate", "predict", "train", "save_model", "get_batch_samples", "floating_point_ops", "num_examples",
-         "get_decay_parameter_names", "add_callback", "pop_callback", "remove_callback", "call_model_init",
-         "compute_loss_context_manager", "store_flos", "is_world_process_zero", "is_local_process_zero"]
+HOOKS = [
+    "compute_loss",
+    "training_step",
+    "prediction_step",
+    "evaluation_loop",
+    "create_optimizer",
+    "create_scheduler",
+    "create_optimizer_and_scheduler",
+    "get_train_dataloader",
+    "get_eval_dataloader",
+    "get_test_dataloader",
+    "log",
+    "evaluate",
+    "predict",
+    "train",
+    "save_model",
+    "get_batch_samples",
+    "floating_point_ops",
+    "num_examples",
+    "get_decay_parameter_names",
+    "add_callback",
+    "pop_callback",
+    "remove_callback",
+    "call_model_init",
+    "compute_loss_context_manager",
+    "store_flos",
+    "is_world_process_zero",
+    "is_local_process_zero",
+]
 
 
 @pytest.mark.parametrize("name", HOOKS)
@@ -84,7 +108,7 @@ def test_constructor_accepts_trainer_keywords_in_order():
 
     theirs = list(inspect.signature(transformers.Trainer.__init__).parameters)
     ours = list(inspect.signature(looptrain.Trainer.__init__).parameters)
-    assert ours[: len(theirs)] == theirs and ours[len(theirs):] == ["tokenizer"]
+    assert ours[: len(theirs)] == theirs and ours[len(theirs) :] == ["tokenizer"]
 
 
 # ------------------------------------------------------------------------------------------------ the house
@@ -150,8 +174,12 @@ def _attribute_stores():
                     names.add(item.name)
                     found = methods.setdefault(item.name, {})
                     for node in ast.walk(item):
-                        if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-                                and isinstance(node.value, ast.Name) and node.value.id == "self"):
+                        if (
+                            isinstance(node, ast.Attribute)
+                            and isinstance(node.ctx, ast.Store)
+                            and isinstance(node.value, ast.Name)
+                            and node.value.id == "self"
+                        ):
                             found.setdefault(node.attr, f"{path.name}:{node.lineno}")
             stores[cls.name], class_level[cls.name] = methods, names
             bases[cls.name] = [b.id for b in cls.bases if isinstance(b, ast.Name)]
@@ -242,7 +270,17 @@ def test_the_loop_reads_without_meeting_a_backend():
     assert found["backend_lines"] <= 25, found
     assert found["methods_over_80"] == [], found
     source = (PACKAGE / "trainer.py").read_text()
-    assert source.index("    def __init__(") < source.index("    def train(") < source.index("    def _inner_training_loop(")
-    assert source.index("    def _inner_training_loop(") < source.index("    def _run_epoch(") < source.index("    def training_step(")
+    assert (
+        source.index("    def __init__(")
+        < source.index("    def train(")
+        < source.index("    def _inner_training_loop(")
+    )
+    assert (
+        source.index("    def _inner_training_loop(")
+        < source.index("    def _run_epoch(")
+        < source.index("    def training_step(")
+    )
     order = ["training_step", "compute_loss", "_maybe_log_save_evaluate", "log", "_finalize_training"]
-    assert [source.index(f"    def {name}(") for name in order] == sorted(source.index(f"    def {name}(") for name in order)
+    assert [source.index(f"    def {name}(") for name in order] == sorted(
+        source.index(f"    def {name}(") for name in order
+    )

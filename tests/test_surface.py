@@ -62,7 +62,10 @@ def test_overriding_create_optimizer_and_scheduler_warns_with_the_methods_to_ove
     ignored, so constructing the subclass says which methods run instead."""
     subclass = type("MyTrainer", (LT,), {"create_optimizer_and_scheduler": lambda self, num_training_steps: None})
     args = looptrain.TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
-    with pytest.warns(UserWarning, match="MyTrainer overrides create_optimizer_and_scheduler.*override create_optimizer and create_scheduler"):
+    with pytest.warns(
+        UserWarning,
+        match="MyTrainer overrides create_optimizer_and_scheduler.*override create_optimizer and create_scheduler",
+    ):
         subclass(tiny_bert(), args)
     assert "create_optimizer_and_scheduler" not in {name for name, *_ in _calls_of_a_short_run(LT, tmp_path)}
 
@@ -78,8 +81,14 @@ def test_errors_advise_overriding_methods_that_run(tmp_path):
 
 def _calls_of_a_short_run(cls, tmp_path):
     log = []
-    args = looptrain.TrainingArguments(output_dir=str(tmp_path / "short"), use_cpu=True, max_steps=1, report_to="none",
-                                       disable_tqdm=True, save_strategy="no")
+    args = looptrain.TrainingArguments(
+        output_dir=str(tmp_path / "short"),
+        use_cpu=True,
+        max_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     recording(cls, log, str(tmp_path))(tiny_bert(), args, train_dataset=random_token_dataset(8, 0)).train()
     return log
 
@@ -90,7 +99,7 @@ def assert_same_signature(name, ours, theirs):
     for p in theirs.parameters.values():
         assert ours.parameters[p.name].default == p.default, f"{name}({p.name}=...)"
         assert ours.parameters[p.name].kind == p.kind, f"{name}({p.name}) kind"
-    extra = list(ours.parameters)[len(theirs.parameters):]
+    extra = list(ours.parameters)[len(theirs.parameters) :]
     assert all(ours.parameters[e].kind == inspect.Parameter.KEYWORD_ONLY for e in extra), f"{name}: extra {extra}"
 
 
@@ -138,20 +147,43 @@ def recording(cls, log, root):
 def run_script(cls, args_cls, root):
     log = []
     Recording = recording(cls, log, root)
-    common = dict(use_cpu=True, disable_tqdm=True, report_to="none", seed=7, per_device_train_batch_size=4,
-                  per_device_eval_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1,
-                  eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=2, load_best_model_at_end=True,
-                  learning_rate=1e-3)
+    common = dict(
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+        seed=7,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        learning_rate=1e-3,
+    )
     train, evals = random_token_dataset(24, 0), random_token_dataset(8, 1)
-    first = Recording(tiny_bert(), args_cls(output_dir=os.path.join(root, "run"), **common), train_dataset=train,
-                      eval_dataset=evals, compute_metrics=accuracy)
+    first = Recording(
+        tiny_bert(),
+        args_cls(output_dir=os.path.join(root, "run"), **common),
+        train_dataset=train,
+        eval_dataset=evals,
+        compute_metrics=accuracy,
+    )
     first.train()
     first.evaluate()
     first.predict(random_token_dataset(6, 2))
     first.save_model()
     log.append(("--- resume ---",))
-    resumed = Recording(tiny_bert(), args_cls(output_dir=os.path.join(root, "resumed"), **{**common, "save_total_limit": None}),
-                        train_dataset=train, eval_dataset=evals, compute_metrics=accuracy)
+    resumed = Recording(
+        tiny_bert(),
+        args_cls(output_dir=os.path.join(root, "resumed"), **{**common, "save_total_limit": None}),
+        train_dataset=train,
+        eval_dataset=evals,
+        compute_metrics=accuracy,
+    )
     resumed.train(resume_from_checkpoint=os.path.join(root, "run", "checkpoint-4"))  # mid-epoch (3 steps per epoch)
     return log
 
@@ -161,10 +193,25 @@ def test_both_trainers_make_the_same_calls_with_the_same_arguments(tmp_path):
     lt = run_script(LT, looptrain.TrainingArguments, str(tmp_path / "lt"))
     for i, (a, b) in enumerate(zip(hf, lt)):
         if a != b:
-            context = "\n".join(f"  {x}  |  {y}" for x, y in zip(hf[max(0, i - 5): i + 3], lt[max(0, i - 5): i + 3]))
-            pytest.fail(f"call {i} differs: transformers {a} vs looptrain {b}\ncontext (transformers | looptrain):\n{context}")
+            context = "\n".join(f"  {x}  |  {y}" for x, y in zip(hf[max(0, i - 5) : i + 3], lt[max(0, i - 5) : i + 3]))
+            pytest.fail(
+                f"call {i} differs: transformers {a} vs looptrain {b}\ncontext (transformers | looptrain):\n{context}"
+            )
     assert len(hf) == len(lt)
     called = {entry[0] for entry in hf}
-    assert {"_save", "_get_train_sampler", "_remove_unused_columns", "_prepare_inputs", "_load_from_checkpoint",
-            "_maybe_log_save_evaluate", "_save_checkpoint", "_load_best_model", "training_step", "compute_loss",
-            "prediction_step", "evaluation_loop", "create_optimizer", "get_decay_parameter_names"} <= called
+    assert {
+        "_save",
+        "_get_train_sampler",
+        "_remove_unused_columns",
+        "_prepare_inputs",
+        "_load_from_checkpoint",
+        "_maybe_log_save_evaluate",
+        "_save_checkpoint",
+        "_load_best_model",
+        "training_step",
+        "compute_loss",
+        "prediction_step",
+        "evaluation_loop",
+        "create_optimizer",
+        "get_decay_parameter_names",
+    } <= called

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 import transformers
+from test_mixed_precision import LTTrainerFP16
 
 import looptrain
 from helpers import random_token_dataset, run_trainer, tiny_bert
-from test_mixed_precision import LTTrainerFP16
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import host_syncs  # noqa: E402
@@ -27,9 +27,18 @@ import host_syncs  # noqa: E402
 TRAIN, EVAL = random_token_dataset(48, 1), random_token_dataset(8, 2)
 # 6 micro-batches an epoch, GA 2: 3 optimizer steps; 2 epochs; a log every 2 steps, an evaluation and a save
 # every 3 (so that micro-batches run between every two sync points).
-ARGS = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-            num_train_epochs=2, logging_steps=2, eval_strategy="steps", eval_steps=3, save_strategy="steps",
-            save_steps=3, seed=42)
+ARGS = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=8,
+    gradient_accumulation_steps=2,
+    num_train_epochs=2,
+    logging_steps=2,
+    eval_strategy="steps",
+    eval_steps=3,
+    save_strategy="steps",
+    save_steps=3,
+    seed=42,
+)
 MICRO_BATCHES = 12
 
 
@@ -41,9 +50,12 @@ def count(trainer_cls, args_cls, tmp_path, **overrides):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp32_tokens_seen"])
 def test_no_loop_sync_between_logs_evaluations_and_saves(tmp_path, precision):
-    cls, flags = {"fp32": (looptrain.Trainer, {}), "bf16": (looptrain.Trainer, dict(bf16=True)),
-                  "fp16": (LTTrainerFP16, dict(fp16=True)),
-                  "fp32_tokens_seen": (looptrain.Trainer, dict(include_num_input_tokens_seen=True))}[precision]
+    cls, flags = {
+        "fp32": (looptrain.Trainer, {}),
+        "bf16": (looptrain.Trainer, dict(bf16=True)),
+        "fp16": (LTTrainerFP16, dict(fp16=True)),
+        "fp32_tokens_seen": (looptrain.Trainer, dict(include_num_input_tokens_seen=True)),
+    }[precision]
     trainer, counter = count(cls, looptrain.TrainingArguments, tmp_path, **flags)
     assert trainer.state.global_step == 6
     if precision == "fp16":

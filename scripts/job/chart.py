@@ -59,8 +59,15 @@ def draw(log_history: list[dict], title: str = "", baseline: float | None = None
         return bool(points)
 
     def say_why(ax, what):
-        ax.text(0.5, 0.5, f"no {what} logged" + (f":\n{missing}" if missing else ""), ha="center", va="center",
-                transform=ax.transAxes, color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            f"no {what} logged" + (f":\n{missing}" if missing else ""),
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
 
     ax = axes[0]
     if not plot(ax, "loss", "training loss", color="tab:blue"):
@@ -81,9 +88,11 @@ def draw(log_history: list[dict], title: str = "", baseline: float | None = None
     if eval_keys:
         ax = axes[2]
         for key in eval_keys:
-            plot(ax, key, key[len("eval_"):])
+            plot(ax, key, key[len("eval_") :])
             last_step, last_value = curves[key][-1]
-            ax.annotate(f"{last_value:.3f}", (last_step, last_value), textcoords="offset points", xytext=(-10, 6), fontsize=8)
+            ax.annotate(
+                f"{last_value:.3f}", (last_step, last_value), textcoords="offset points", xytext=(-10, 6), fontsize=8
+            )
         if baseline is not None:
             ax.axhline(baseline, linestyle="--", color="gray", label=f"majority class ({baseline:.3f})")
         ax.margins(y=0.15)  # room for the value labels
@@ -97,8 +106,9 @@ def draw(log_history: list[dict], title: str = "", baseline: float | None = None
     return fig
 
 
-def plot_history(log_history: list[dict], path: str, title: str = "", baseline: float | None = None,
-                 missing: str = "") -> str:
+def plot_history(
+    log_history: list[dict], path: str, title: str = "", baseline: float | None = None, missing: str = ""
+) -> str:
     """Draw the chart (`draw`) and save it as a PNG at `path`; returns `path`."""
     import matplotlib.pyplot as plt
 

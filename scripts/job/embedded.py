@@ -31,23 +31,53 @@ SEED = 1234
 
 # Each inner tuple is one meaning; its words are interchangeable.
 NOUNS = (
-    ("dog", "hound"), ("cat", "kitten"), ("man", "gentleman"), ("woman", "lady"), ("child", "kid"),
-    ("doctor", "physician"), ("teacher", "instructor"), ("farmer", "grower"), ("pilot", "aviator"),
-    ("student", "pupil"), ("thief", "burglar"), ("singer", "vocalist"),
+    ("dog", "hound"),
+    ("cat", "kitten"),
+    ("man", "gentleman"),
+    ("woman", "lady"),
+    ("child", "kid"),
+    ("doctor", "physician"),
+    ("teacher", "instructor"),
+    ("farmer", "grower"),
+    ("pilot", "aviator"),
+    ("student", "pupil"),
+    ("thief", "burglar"),
+    ("singer", "vocalist"),
 )
 VERBS = (
-    ("saw", "noticed"), ("helped", "assisted"), ("chased", "pursued"), ("called", "phoned"),
-    ("met", "encountered"), ("hired", "employed"), ("praised", "complimented"), ("followed", "trailed"),
+    ("saw", "noticed"),
+    ("helped", "assisted"),
+    ("chased", "pursued"),
+    ("called", "phoned"),
+    ("met", "encountered"),
+    ("hired", "employed"),
+    ("praised", "complimented"),
+    ("followed", "trailed"),
 )
 ADJECTIVES = (
-    ("big", "large"), ("small", "little"), ("quick", "fast"), ("happy", "glad"), ("angry", "furious"),
-    ("clever", "smart"), ("quiet", "silent"), ("old", "elderly"),
+    ("big", "large"),
+    ("small", "little"),
+    ("quick", "fast"),
+    ("happy", "glad"),
+    ("angry", "furious"),
+    ("clever", "smart"),
+    ("quiet", "silent"),
+    ("old", "elderly"),
 )
 PLACES = (
-    ("in the shop", "in the store"), ("near the river", "by the stream"), ("on the road", "on the street"),
-    ("in the forest", "in the woods"), ("at the station", "at the depot"), ("in the garden", "in the yard"),
+    ("in the shop", "in the store"),
+    ("near the river", "by the stream"),
+    ("on the road", "on the street"),
+    ("in the forest", "in the woods"),
+    ("at the station", "at the depot"),
+    ("in the garden", "in the yard"),
 )
-TIMES = (("at night", "after dark"), ("this morning", "early today"), ("in winter", "in wintertime"), ("at noon", "at midday"))
+TIMES = (
+    ("at night", "after dark"),
+    ("this morning", "early today"),
+    ("in winter", "in wintertime"),
+    ("at noon", "at midday"),
+)
 # How non-paraphrases differ (the rest replace one or two words), and how sentences are written.
 NEGATE_RATE, UNRELATED_RATE, SWAP_RATE, ONE_SLOT_RATE = 0.6, 0.15, 0.1, 0.6
 SYNONYM_RATE, FRONT_RATE, NEGATED_RATE = 0.3, 0.5, 0.1
@@ -68,13 +98,26 @@ def _meaning(rng: random.Random) -> dict[str, int]:
     """A sentence's meaning: one index into each word table (subject and object are different nouns)."""
     subject, obj = rng.sample(range(len(NOUNS)), 2)
     return {
-        "adj1": rng.randrange(len(ADJECTIVES)), "subject": subject, "verb": rng.randrange(len(VERBS)),
-        "adj2": rng.randrange(len(ADJECTIVES)), "object": obj, "place": rng.randrange(len(PLACES)),
-        "time": rng.randrange(len(TIMES)), "negated": int(rng.random() < NEGATED_RATE),
+        "adj1": rng.randrange(len(ADJECTIVES)),
+        "subject": subject,
+        "verb": rng.randrange(len(VERBS)),
+        "adj2": rng.randrange(len(ADJECTIVES)),
+        "object": obj,
+        "place": rng.randrange(len(PLACES)),
+        "time": rng.randrange(len(TIMES)),
+        "negated": int(rng.random() < NEGATED_RATE),
     }
 
 
-_TABLE = {"adj1": ADJECTIVES, "subject": NOUNS, "verb": VERBS, "adj2": ADJECTIVES, "object": NOUNS, "place": PLACES, "time": TIMES}
+_TABLE = {
+    "adj1": ADJECTIVES,
+    "subject": NOUNS,
+    "verb": VERBS,
+    "adj2": ADJECTIVES,
+    "object": NOUNS,
+    "place": PLACES,
+    "time": TIMES,
+}
 
 
 def _say(meaning: dict[str, int], rng: random.Random, synonyms: float = 0.0) -> str:
@@ -146,8 +189,14 @@ def tokenizer():
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 
@@ -157,9 +206,15 @@ def model_config(num_labels: int = 2, id2label: dict | None = None, **overrides)
 
     id2label = id2label or dict(enumerate(LABEL_NAMES))
     settings = dict(
-        vocab_size=len(vocabulary()), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=64, num_labels=num_labels,
-        id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        vocab_size=len(vocabulary()),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
     )
     settings.update(overrides)
     return transformers.BertConfig(**settings)

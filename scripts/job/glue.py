@@ -51,12 +51,28 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
         Task("sst2", ("sentence",), ("negative", "positive"), ("accuracy",)),
-        Task("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"),
-             {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2", "#1 ID": "id1", "#2 ID": "id2"}),
+        Task(
+            "mrpc",
+            ("sentence1", "sentence2"),
+            ("not_equivalent", "equivalent"),
+            ("accuracy", "f1"),
+            {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2", "#1 ID": "id1", "#2 ID": "id2"},
+        ),
         Task("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), {"score": "label"}),
-        Task("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), {"is_duplicate": "label"}),
-        Task("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
-             {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"}),
+        Task(
+            "qqp",
+            ("question1", "question2"),
+            ("not_duplicate", "duplicate"),
+            ("accuracy", "f1"),
+            {"is_duplicate": "label"},
+        ),
+        Task(
+            "mnli",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+        ),
         Task("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
         Task("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
         Task("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
@@ -72,7 +88,9 @@ def get_task(name: str | None) -> Task | None:
         return None
     key = TASK_ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        raise JobError(f"Unknown task name {name!r}: use one of {', '.join(TASKS)}, or leave --task_name out for your own data.")
+        raise JobError(
+            f"Unknown task name {name!r}: use one of {', '.join(TASKS)}, or leave --task_name out for your own data."
+        )
     return TASKS[key]
 
 
@@ -87,7 +105,9 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def read_table(path: str, task: Task | None = None, keep: tuple[str, ...] = (), label_column: str = "label") -> dict[str, list]:
+def read_table(
+    path: str, task: Task | None = None, keep: tuple[str, ...] = (), label_column: str = "label"
+) -> dict[str, list]:
     """Read a data file into columns. TSV is read with quoting off and, for a `task`, the GLUE distribution's
     column names are mapped to the Hub's (except the names in `keep`, which the user asked for by name);
     a leading byte-order mark is dropped in every format; label columns become numbers where they are numbers."""
@@ -135,7 +155,8 @@ def _read_delimited(path: str, fmt: str, task: Task | None) -> dict[str, list]:
         if len(row) != len(header):
             raise JobError(
                 f"{path} line {line}: {len(row)} fields where the header has {len(header)} "
-                f"({fmt.upper()} {'with quoting off' if fmt == 'tsv' else ''})".rstrip() + "."
+                f"({fmt.upper()} {'with quoting off' if fmt == 'tsv' else ''})".rstrip()
+                + "."
             )
     return {name: [row[i] for row in body] for i, name in enumerate(header)}
 
@@ -184,8 +205,9 @@ def _numbers_if_possible(values: list) -> list:
 
 
 # ================================================================================================ columns and labels
-def text_columns(columns: dict[str, list], task: Task | None, override: str | None, path: str,
-                 label_column: str = "label") -> tuple[str, ...]:
+def text_columns(
+    columns: dict[str, list], task: Task | None, override: str | None, path: str, label_column: str = "label"
+) -> tuple[str, ...]:
     """The one or two text columns: given, the task's, or (like run_glue.py) sentence1/sentence2, else the
     first one or two columns that are not the label or an index."""
     if override:
@@ -222,8 +244,15 @@ def label_setup(train_labels: list, task: Task | None, path: str) -> tuple[bool,
     return False, sorted(set(values), key=lambda v: (isinstance(v, str), v))
 
 
-def encode_labels(values: list, is_regression: bool, label_list: list | None, task: Task | None, column: str,
-                  path: str, allow_missing: bool = False) -> list:
+def encode_labels(
+    values: list,
+    is_regression: bool,
+    label_list: list | None,
+    task: Task | None,
+    column: str,
+    path: str,
+    allow_missing: bool = False,
+) -> list:
     """Labels as the model takes them: floats for regression, class ids otherwise. A class may be given by
     its id or its name. Unknown values are a `JobError` that lists them; in a test file, empty or -1
     means "no label" (`allow_missing`) and becomes -1."""
@@ -242,7 +271,9 @@ def encode_labels(values: list, is_regression: bool, label_list: list | None, ta
             else:
                 unknown.add(v)
         if unknown:
-            raise JobError(f"{path}: label column {column!r} has values {_show(unknown)} where {who} expects numbers (regression).")
+            raise JobError(
+                f"{path}: label column {column!r} has values {_show(unknown)} where {who} expects numbers (regression)."
+            )
         return out
     ids = {name: i for i, name in enumerate(label_list)}
     by_name = {str(name).lower(): i for i, name in enumerate(label_list)}
@@ -265,7 +296,9 @@ def encode_labels(values: list, is_regression: bool, label_list: list | None, ta
         expected = ", ".join(str(x) for x in label_list)
         if task is not None:
             expected = f"{', '.join(str(i) for i in range(len(label_list)))} or {expected}"
-        raise JobError(f"{path}: label column {column!r} has values {_show(unknown)} that {who} does not expect (expected {expected}).")
+        raise JobError(
+            f"{path}: label column {column!r} has values {_show(unknown)} that {who} does not expect (expected {expected})."
+        )
     return out
 
 
@@ -278,7 +311,7 @@ def _is_float(text: str) -> bool:
 
 
 def _show(values) -> str:
-    shown = sorted((repr(v) for v in values))
+    shown = sorted(repr(v) for v in values)
     return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
 
 
@@ -319,8 +352,11 @@ def spearman(preds, labels) -> float:
 
 
 METRIC_FUNCTIONS = {
-    "accuracy": accuracy, "f1": f1, "matthews_correlation": matthews_correlation,
-    "pearson": pearson, "spearmanr": spearman,
+    "accuracy": accuracy,
+    "f1": f1,
+    "matthews_correlation": matthews_correlation,
+    "pearson": pearson,
+    "spearmanr": spearman,
 }
 
 

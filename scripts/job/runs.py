@@ -1,14 +1,14 @@
 """What a run of the job finds in its output_dir, and what it prints once.
 
-  * `check_output_dir`: `checkpoint-<step>` folders already in output_dir belong to another run unless this one
-    resumes them. Training beside them would mix two runs (`--resume_from_checkpoint true` later takes the highest
-    step, whichever run wrote it; `save_total_limit` rotates them together), so the job stops in one line naming
-    the ways forward, or, with `--overwrite_output_dir`, deletes them first. transformers.Trainer itself does
-    neither (transformers 5 dropped `overwrite_output_dir` and run_glue.py's check); the library stays Trainer's.
-  * `logging_steps_of`: the logging interval a checkpoint's run used, so that a resumed job with the job's own
-    ratio default logs as that run did, instead of Trainer warning that the two differ.
-  * `replica_warnings_off`: looptrain's warnings are about the configuration, the same in every process; the main
-    process prints them, the others do not.
+* `check_output_dir`: `checkpoint-<step>` folders already in output_dir belong to another run unless this one
+  resumes them. Training beside them would mix two runs (`--resume_from_checkpoint true` later takes the highest
+  step, whichever run wrote it; `save_total_limit` rotates them together), so the job stops in one line naming
+  the ways forward, or, with `--overwrite_output_dir`, deletes them first. transformers.Trainer itself does
+  neither (transformers 5 dropped `overwrite_output_dir` and run_glue.py's check); the library stays Trainer's.
+* `logging_steps_of`: the logging interval a checkpoint's run used, so that a resumed job with the job's own
+  ratio default logs as that run did, instead of Trainer warning that the two differ.
+* `replica_warnings_off`: looptrain's warnings are about the configuration, the same in every process; the main
+  process prints them, the others do not.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def checkpoints_in(folder: str) -> list[str]:
     """The `checkpoint-<step>` folders in `folder`, by step."""
     if not os.path.isdir(folder):
         return []
-    found = [(int(m[1]), name) for name in os.listdir(folder)
-             if (m := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(folder, name))]
+    found = [
+        (int(m[1]), name)
+        for name in os.listdir(folder)
+        if (m := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(folder, name))
+    ]
     return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
@@ -37,7 +40,9 @@ def check_output_dir(output_dir: str, resume, overwrite: bool, is_main: bool = T
     """Before anything is loaded: stop when output_dir holds another run's checkpoints and this run does not resume
     them; with `overwrite`, delete them instead (the main process only). `resume`: what `check_resume` returned."""
     if overwrite and resume:
-        raise JobError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint resumes: give one of the two.")
+        raise JobError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint resumes: give one of the two."
+        )
     found = checkpoints_in(output_dir)
     if not found or resume:
         return
@@ -48,9 +53,11 @@ def check_output_dir(output_dir: str, resume, overwrite: bool, is_main: bool = T
         return
     names = ", ".join(os.path.basename(p) for p in found[-3:])
     more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-    raise JobError(f"--output_dir {output_dir} holds another run's checkpoints ({names}{more}): resume it with "
-                   "--resume_from_checkpoint true, give a new --output_dir, or pass --overwrite_output_dir to delete "
-                   "them before training.")
+    raise JobError(
+        f"--output_dir {output_dir} holds another run's checkpoints ({names}{more}): resume it with "
+        "--resume_from_checkpoint true, give a new --output_dir, or pass --overwrite_output_dir to delete "
+        "them before training."
+    )
 
 
 def logging_steps_of(checkpoint: str) -> int | float | None:

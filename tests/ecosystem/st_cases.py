@@ -9,10 +9,9 @@ import os
 import sys
 import warnings
 
+import tiny
 from datasets import Dataset
 from transformers import set_seed
-
-import tiny
 
 root = sys.argv[1]
 cases = sys.argv[2:] or ["mnrl", "cosine", "setfit"]
@@ -42,13 +41,25 @@ def mnrl():
     set_seed(0)
     model = embedder()
     trainer = SentenceTransformerTrainer(
-        model=model, train_dataset=Dataset.from_dict({"anchor": a, "positive": [s + " yes" for s in a]}),
+        model=model,
+        train_dataset=Dataset.from_dict({"anchor": a, "positive": [s + " yes" for s in a]}),
         loss=MultipleNegativesRankingLoss(model),
         evaluator=EmbeddingSimilarityEvaluator(b[:8], b[8:], [i / 8 for i in range(8)], name="sts"),
         args=SentenceTransformerTrainingArguments(
-            output_dir=out("mnrl"), per_device_train_batch_size=6, gradient_accumulation_steps=2, num_train_epochs=2,
-            logging_steps=1, eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=1,
-            load_best_model_at_end=True, metric_for_best_model="sts_spearman_cosine", learning_rate=1e-3, **tiny.COMMON),
+            output_dir=out("mnrl"),
+            per_device_train_batch_size=6,
+            gradient_accumulation_steps=2,
+            num_train_epochs=2,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_steps=2,
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            metric_for_best_model="sts_spearman_cosine",
+            learning_rate=1e-3,
+            **tiny.COMMON,
+        ),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -69,10 +80,21 @@ def cosine():
     set_seed(0)
     model = embedder()
     trainer = SentenceTransformerTrainer(
-        model=model, train_dataset=pairs(16, 3), eval_dataset=pairs(8, 5), loss=CosineSimilarityLoss(model),
+        model=model,
+        train_dataset=pairs(16, 3),
+        eval_dataset=pairs(8, 5),
+        loss=CosineSimilarityLoss(model),
         args=SentenceTransformerTrainingArguments(
-            output_dir=out("cosine"), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
-            eval_strategy="steps", eval_steps=2, save_strategy="no", learning_rate=1e-3, **tiny.COMMON),
+            output_dir=out("cosine"),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="no",
+            learning_rate=1e-3,
+            **tiny.COMMON,
+        ),
     )
     trainer.train()
 
@@ -90,10 +112,22 @@ def setfit():
     texts = tiny.sentences(12, 7)
     labels = [int("cat" in t or "dog" in t) for t in texts]
     trainer = Trainer(
-        model=model, train_dataset=Dataset.from_dict({"text": texts, "label": labels}),
-        eval_dataset=Dataset.from_dict({"text": texts[:6], "label": labels[:6]}), metric=accuracy,
-        args=TrainingArguments(output_dir=out("setfit"), batch_size=4, num_epochs=1, max_steps=4, logging_steps=1,
-                               eval_strategy="steps", eval_steps=2, save_strategy="no", report_to="none", seed=0),
+        model=model,
+        train_dataset=Dataset.from_dict({"text": texts, "label": labels}),
+        eval_dataset=Dataset.from_dict({"text": texts[:6], "label": labels[:6]}),
+        metric=accuracy,
+        args=TrainingArguments(
+            output_dir=out("setfit"),
+            batch_size=4,
+            num_epochs=1,
+            max_steps=4,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+        ),
     )
     trainer.train()
     metrics = trainer.evaluate()

@@ -7,10 +7,9 @@ import os
 import random
 import sys
 
+import tiny  # this folder's builders (the script's folder is on sys.path, as under `python trl_cases.py`)
 from datasets import Dataset
 from transformers import set_seed
-
-import tiny  # this folder's builders (the script's folder is on sys.path, as under `python trl_cases.py`)
 
 root = sys.argv[1]
 cases = sys.argv[2:] or ["sft", "lora", "dpo", "reward", "grpo"]
@@ -25,15 +24,35 @@ def sft():
 
     train = Dataset.from_dict({"text": tiny.sentences(20, 1)})
     evals = Dataset.from_dict({"text": tiny.sentences(6, 2)})
-    config = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1,
-                  eval_strategy="steps", eval_steps=2, save_steps=2, learning_rate=1e-3, max_length=24, **tiny.COMMON)
+    config = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        learning_rate=1e-3,
+        max_length=24,
+        **tiny.COMMON,
+    )
     set_seed(0)
-    first = SFTTrainer(model=tiny.causal_lm(), args=SFTConfig(output_dir=out("sft"), **config), train_dataset=train,
-                       eval_dataset=evals, processing_class=tiny.tokenizer())
+    first = SFTTrainer(
+        model=tiny.causal_lm(),
+        args=SFTConfig(output_dir=out("sft"), **config),
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tiny.tokenizer(),
+    )
     first.train()
     set_seed(0)
-    resumed = SFTTrainer(model=tiny.causal_lm(), args=SFTConfig(output_dir=out("sft-resumed"), **config),
-                         train_dataset=train, eval_dataset=evals, processing_class=tiny.tokenizer())
+    resumed = SFTTrainer(
+        model=tiny.causal_lm(),
+        args=SFTConfig(output_dir=out("sft-resumed"), **config),
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tiny.tokenizer(),
+    )
     resumed.train(resume_from_checkpoint=os.path.join(out("sft"), "checkpoint-2"))
     assert resumed.state.global_step == first.state.global_step == 6
 
@@ -46,17 +65,31 @@ def lora():
     train = Dataset.from_dict({"prompt": prompts, "completion": [" " + s for s in tiny.sentences(12, 4)]})
     set_seed(0)
     trainer = SFTTrainer(
-        model=tiny.causal_lm(), processing_class=tiny.tokenizer(), train_dataset=train,
-        args=SFTConfig(output_dir=out("lora"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                       max_steps=3, logging_steps=1, save_steps=2, learning_rate=1e-2, max_length=24, **tiny.COMMON),
+        model=tiny.causal_lm(),
+        processing_class=tiny.tokenizer(),
+        train_dataset=train,
+        args=SFTConfig(
+            output_dir=out("lora"),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            logging_steps=1,
+            save_steps=2,
+            learning_rate=1e-2,
+            max_length=24,
+            **tiny.COMMON,
+        ),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
     )
     trainer.train()
 
 
 def _preferences(n, seed):
-    return {"prompt": tiny.sentences(n, seed, 2, 4), "chosen": tiny.sentences(n, seed + 1, 2, 5),
-            "rejected": tiny.sentences(n, seed + 2, 2, 5)}
+    return {
+        "prompt": tiny.sentences(n, seed, 2, 4),
+        "chosen": tiny.sentences(n, seed + 1, 2, 5),
+        "rejected": tiny.sentences(n, seed + 2, 2, 5),
+    }
 
 
 def dpo():
@@ -64,12 +97,24 @@ def dpo():
 
     set_seed(0)
     trainer = DPOTrainer(
-        model=tiny.causal_lm(), ref_model=tiny.causal_lm(), processing_class=tiny.tokenizer(),
+        model=tiny.causal_lm(),
+        ref_model=tiny.causal_lm(),
+        processing_class=tiny.tokenizer(),
         train_dataset=Dataset.from_dict(_preferences(8, 5)),
         eval_dataset=Dataset.from_dict(_preferences(4, 9)),
-        args=DPOConfig(output_dir=out("dpo"), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
-                       logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="no", learning_rate=1e-3,
-                       max_length=24, **tiny.COMMON),
+        args=DPOConfig(
+            output_dir=out("dpo"),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=3,
+            save_strategy="no",
+            learning_rate=1e-3,
+            max_length=24,
+            **tiny.COMMON,
+        ),
     )
     trainer.train()
 
@@ -80,11 +125,20 @@ def reward():
     data = _preferences(8, 11)
     set_seed(0)
     trainer = RewardTrainer(
-        model=tiny.reward_model(), processing_class=tiny.tokenizer(),
+        model=tiny.reward_model(),
+        processing_class=tiny.tokenizer(),
         train_dataset=Dataset.from_dict({"chosen": data["chosen"], "rejected": data["rejected"]}),
-        args=RewardConfig(output_dir=out("reward"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                          max_steps=3, logging_steps=1, save_strategy="no", learning_rate=1e-3, max_length=24,
-                          **tiny.COMMON),
+        args=RewardConfig(
+            output_dir=out("reward"),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            logging_steps=1,
+            save_strategy="no",
+            learning_rate=1e-3,
+            max_length=24,
+            **tiny.COMMON,
+        ),
     )
     trainer.train()
 
@@ -98,11 +152,21 @@ def grpo():
 
     set_seed(0)
     trainer = GRPOTrainer(
-        model=tiny.causal_lm(), processing_class=tiny.tokenizer(), reward_funcs=seeded_reward,
+        model=tiny.causal_lm(),
+        processing_class=tiny.tokenizer(),
+        reward_funcs=seeded_reward,
         train_dataset=Dataset.from_dict({"prompt": tiny.sentences(8, 13, 2, 4)}),
-        args=GRPOConfig(output_dir=out("grpo"), per_device_train_batch_size=4, num_generations=2, max_steps=2,
-                        max_completion_length=6, logging_steps=1, save_strategy="no", learning_rate=1e-3,
-                        **tiny.COMMON),
+        args=GRPOConfig(
+            output_dir=out("grpo"),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_steps=2,
+            max_completion_length=6,
+            logging_steps=1,
+            save_strategy="no",
+            learning_rate=1e-3,
+            **tiny.COMMON,
+        ),
     )
     trainer.train()
 

@@ -38,8 +38,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def accuracy(eval_pred):
 def main():
     model_args, data_args, training_args = parse_arguments()
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -106,7 +109,8 @@ def main():
     text_columns = ("sentence1", "sentence2") if "sentence2" in labeled.column_names else ("sentence", None)
 
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(label_list),
+        model_args.model_name_or_path,
+        num_labels=len(label_list),
         label2id={str(label): i for label, i in label_to_id.items()},
         id2label={i: str(label) for label, i in label_to_id.items()},
     )

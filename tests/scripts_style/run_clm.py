@@ -36,8 +36,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -86,7 +89,9 @@ def main():
     block_size = min(data_args.block_size, tokenizer.model_max_length)
 
     with training_args.main_process_first(desc="tokenizing the text"):
-        tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"], desc="Tokenizing")
+        tokenized = raw.map(
+            lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"], desc="Tokenizing"
+        )
 
     def into_blocks(batch):
         # Concatenate every row of the batch and cut the stream into full blocks; the tail is dropped.

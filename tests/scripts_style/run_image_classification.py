@@ -32,8 +32,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -83,8 +86,10 @@ def main():
 
     label_names = raw["train"].features["label"].names
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
+        model_args.model_name_or_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
     )
     model = AutoModelForImageClassification.from_pretrained(model_args.model_name_or_path, config=config)
     image_processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
@@ -142,7 +147,11 @@ def main():
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification", "tags": ["image-classification"]}
+    card = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "tags": ["image-classification"],
+    }
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)
     else:

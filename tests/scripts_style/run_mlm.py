@@ -35,8 +35,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -90,7 +93,9 @@ def main():
         tokenized = raw.map(tokenize_lines, batched=True, remove_columns=["text"], desc="Tokenizing")
 
     collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=data_args.mlm_probability, pad_to_multiple_of=8,
+        tokenizer,
+        mlm_probability=data_args.mlm_probability,
+        pad_to_multiple_of=8,
     )
     trainer = Trainer(
         model=model,

@@ -29,8 +29,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -97,11 +100,17 @@ def main():
         contexts = [context for context in batch["context"] for _ in ENDINGS]
         continuations = [f"{start} {batch[e][row]}" for row, start in enumerate(batch["start"]) for e in ENDINGS]
         encoded = tokenizer(
-            contexts, continuations, truncation=True, max_length=data_args.max_seq_length,
+            contexts,
+            continuations,
+            truncation=True,
+            max_length=data_args.max_seq_length,
             padding="max_length" if data_args.pad_to_max_length else False,
         )
         # Fold the flat list back into one list of four per example.
-        return {key: [values[i : i + len(ENDINGS)] for i in range(0, len(values), len(ENDINGS))] for key, values in encoded.items()}
+        return {
+            key: [values[i : i + len(ENDINGS)] for i in range(0, len(values), len(ENDINGS))]
+            for key, values in encoded.items()
+        }
 
     with training_args.main_process_first(desc="tokenizing the choices"):
         tokenized = raw.map(tokenize_choices, batched=True, desc="Tokenizing")

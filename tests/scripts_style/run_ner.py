@@ -37,8 +37,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -100,14 +103,18 @@ def main():
     label_list = sorted({tag for tags in raw["train"]["tags"] for tag in tags})
     label_to_id = {tag: i for i, tag in enumerate(label_list)}
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(label_list),
-        id2label=dict(enumerate(label_list)), label2id=label_to_id,
+        model_args.model_name_or_path,
+        num_labels=len(label_list),
+        id2label=dict(enumerate(label_list)),
+        label2id=label_to_id,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForTokenClassification.from_pretrained(model_args.model_name_or_path, config=config)
 
     def tokenize_and_align(batch):
-        encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=data_args.max_seq_length)
+        encoded = tokenizer(
+            batch["tokens"], is_split_into_words=True, truncation=True, max_length=data_args.max_seq_length
+        )
         all_labels = []
         for row, tags in enumerate(batch["tags"]):
             labels, previous_word = [], None
@@ -124,7 +131,9 @@ def main():
         return encoded
 
     with training_args.main_process_first(desc="tokenizing and aligning the tags"):
-        tokenized = raw.map(tokenize_and_align, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
+        tokenized = raw.map(
+            tokenize_and_align, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing"
+        )
 
     def to_tags(predictions, label_ids):
         predicted, true = [], []

@@ -28,7 +28,14 @@ import datasets
 import numpy as np
 import transformers
 from datasets import load_dataset
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, EvalPrediction, HfArgumentParser, set_seed
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    set_seed,
+)
 from transformers.debug_utils import DebugOption
 from transformers.trainer_utils import PredictionOutput, get_last_checkpoint, speed_metrics
 
@@ -41,8 +48,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Trainer, TrainingArguments
 else:  # looptrain's Trainer driven by transformers' own TrainingArguments
-    from looptrain import Trainer
     from transformers import TrainingArguments
+
+    from looptrain import Trainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -63,25 +71,34 @@ class QuestionAnsweringTrainer(Trainer):
         start_time = time.time()
         try:
             output = self.evaluation_loop(
-                dataloader, description=description, prediction_loss_only=True if compute_metrics is None else None,
-                ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                dataloader,
+                description=description,
+                prediction_loss_only=True if compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
             )
         finally:
             self.compute_metrics = compute_metrics
         batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
-        output.metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=output.num_samples, num_steps=batches))
+        output.metrics.update(
+            speed_metrics(metric_key_prefix, start_time, num_samples=output.num_samples, num_steps=batches)
+        )
         return output
 
     def _answer_metrics(self, examples, features, output, prefix):
         answers = self.post_process_function(examples, features, output.predictions, prefix)
         scores = self.compute_metrics(answers)
-        return answers, {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in scores.items()}
+        return answers, {
+            key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in scores.items()
+        }
 
     def evaluate(self, eval_dataset=None, eval_examples=None, ignore_keys=None, metric_key_prefix="eval"):
         self._memory_tracker.start()
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         eval_examples = self.eval_examples if eval_examples is None else eval_examples
-        output = self._loop_without_metrics(self.get_eval_dataloader(eval_dataset), "Evaluation", ignore_keys, metric_key_prefix)
+        output = self._loop_without_metrics(
+            self.get_eval_dataloader(eval_dataset), "Evaluation", ignore_keys, metric_key_prefix
+        )
         metrics = dict(output.metrics)
         # Only the process that saves writes the prediction files (and so computes the answer metrics).
         if self.post_process_function is not None and self.compute_metrics is not None and self.args.should_save:
@@ -96,7 +113,9 @@ class QuestionAnsweringTrainer(Trainer):
 
     def predict(self, predict_dataset, predict_examples, ignore_keys=None, metric_key_prefix="test"):
         self._memory_tracker.start()
-        output = self._loop_without_metrics(self.get_test_dataloader(predict_dataset), "Prediction", ignore_keys, metric_key_prefix)
+        output = self._loop_without_metrics(
+            self.get_test_dataloader(predict_dataset), "Prediction", ignore_keys, metric_key_prefix
+        )
         if self.post_process_function is None or self.compute_metrics is None:
             return output
         answers, scores = self._answer_metrics(predict_examples, predict_dataset, output, metric_key_prefix)
@@ -152,7 +171,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -165,7 +186,9 @@ def main():
     set_seed(training_args.seed)
 
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
-    raw = load_dataset("json", data_files={k: v for k, v in files.items() if v}, field="data", cache_dir=model_args.cache_dir)
+    raw = load_dataset(
+        "json", data_files={k: v for k, v in files.items() if v}, field="data", cache_dir=model_args.cache_dir
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path)
@@ -174,9 +197,14 @@ def main():
     def windows(batch):
         # One row per window of each context; the question is repeated, only the context is truncated.
         return tokenizer(
-            [q.strip() for q in batch["question"]], batch["context"], truncation="only_second",
-            max_length=max_seq_length, stride=data_args.doc_stride, return_overflowing_tokens=True,
-            return_offsets_mapping=True, padding="max_length",
+            [q.strip() for q in batch["question"]],
+            batch["context"],
+            truncation="only_second",
+            max_length=max_seq_length,
+            stride=data_args.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding="max_length",
         )
 
     def train_features(batch):
@@ -211,15 +239,21 @@ def main():
     train_dataset = eval_examples = eval_dataset = predict_examples = predict_dataset = None
     if training_args.do_train:
         with training_args.main_process_first(desc="train windows"):
-            train_dataset = raw["train"].map(train_features, batched=True, remove_columns=raw["train"].column_names, desc="Train windows")
+            train_dataset = raw["train"].map(
+                train_features, batched=True, remove_columns=raw["train"].column_names, desc="Train windows"
+            )
     if training_args.do_eval:
         eval_examples = raw["validation"]
         with training_args.main_process_first(desc="validation windows"):
-            eval_dataset = eval_examples.map(eval_features, batched=True, remove_columns=eval_examples.column_names, desc="Validation windows")
+            eval_dataset = eval_examples.map(
+                eval_features, batched=True, remove_columns=eval_examples.column_names, desc="Validation windows"
+            )
     if training_args.do_predict:
         predict_examples = raw["test"]
         with training_args.main_process_first(desc="test windows"):
-            predict_dataset = predict_examples.map(eval_features, batched=True, remove_columns=predict_examples.column_names, desc="Test windows")
+            predict_dataset = predict_examples.map(
+                eval_features, batched=True, remove_columns=predict_examples.column_names, desc="Test windows"
+            )
 
     def answers_from_logits(examples, features, predictions, stage):
         """The best-scoring valid span over all windows of each example; written to {stage}_predictions.json."""

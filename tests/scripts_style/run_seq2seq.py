@@ -34,8 +34,9 @@ if TRAINER_IMPL.trainer_impl == "transformers":
 elif TRAINER_IMPL.trainer_impl == "looptrain":
     from looptrain import Seq2SeqTrainer, Seq2SeqTrainingArguments
 else:  # looptrain's Trainer driven by transformers' own Seq2SeqTrainingArguments
-    from looptrain import Seq2SeqTrainer
     from transformers import Seq2SeqTrainingArguments
+
+    from looptrain import Seq2SeqTrainer
 # ----------------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,9 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=ARGV)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -95,7 +98,9 @@ def main():
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
     files = {split: path for split, path in files.items() if path}
     extension = next(iter(files.values())).rsplit(".", 1)[-1]
-    raw = load_dataset("json" if extension in ("json", "jsonl") else extension, data_files=files, cache_dir=model_args.cache_dir)
+    raw = load_dataset(
+        "json" if extension in ("json", "jsonl") else extension, data_files=files, cache_dir=model_args.cache_dir
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
@@ -111,17 +116,27 @@ def main():
     def tokenize(batch):
         sources, targets = pairs(batch)
         encoded = tokenizer(sources, max_length=data_args.max_source_length, truncation=True)
-        encoded["labels"] = tokenizer(text_target=targets, max_length=data_args.max_target_length, truncation=True)["input_ids"]
+        encoded["labels"] = tokenizer(text_target=targets, max_length=data_args.max_target_length, truncation=True)[
+            "input_ids"
+        ]
         return encoded
 
     tokenized = {}
-    for split, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval), ("test", training_args.do_predict)):
+    for split, wanted in (
+        ("train", training_args.do_train),
+        ("validation", training_args.do_eval),
+        ("test", training_args.do_predict),
+    ):
         if wanted:
             with training_args.main_process_first(desc=f"tokenizing {split}"):
-                tokenized[split] = raw[split].map(tokenize, batched=True, remove_columns=raw[split].column_names, desc=f"Tokenizing {split}")
+                tokenized[split] = raw[split].map(
+                    tokenize, batched=True, remove_columns=raw[split].column_names, desc=f"Tokenizing {split}"
+                )
 
     # The model makes decoder_input_ids from the padded labels (shifted right).
-    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8 if training_args.fp16 else None)
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8 if training_args.fp16 else None
+    )
 
     def decode(ids):
         ids = np.where(ids != -100, ids, tokenizer.pad_token_id)  # padding between batches is -100
@@ -165,7 +180,9 @@ def main():
         trainer.save_metrics("eval", metrics)
 
     if training_args.do_predict:
-        output = trainer.predict(tokenized["test"], metric_key_prefix="predict", max_length=max_length, num_beams=num_beams)
+        output = trainer.predict(
+            tokenized["test"], metric_key_prefix="predict", max_length=max_length, num_beams=num_beams
+        )
         metrics = output.metrics
         metrics["predict_samples"] = len(tokenized["test"])
         trainer.log_metrics("predict", metrics)
