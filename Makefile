@@ -62,8 +62,10 @@ $(OPT_VENV)/.installed: $(VENV)/.installed
 test-optimizers: $(OPT_VENV)/.installed
 	$(OPT_VENV)/bin/python -m pytest tests/test_optimizers.py $(PYTEST_ARGS)
 
-bench: install
-	$(PY) scripts/bench.py $(ARGS)
+# The benchmarks run where the tests run (.venv-test: the dev extra installs lomo-optim, whose presence accelerate
+# looks up on every optimizer step; the figures in docs/performance.md are measured with it installed).
+bench: install-test
+	$(TEST_PY) scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV) $(OPT_VENV) trainer_output tmp_trainer

@@ -376,7 +376,7 @@ class CheckpointMixin:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         output_dir, staging_dir = os.path.join(run_dir, name), os.path.join(run_dir, TMP_PREFIX + name)
         if args.should_save:
-            _remove_debris(run_dir)  # what a crash in an earlier save or rotation left behind
+            remove_debris(run_dir)  # what a crash in an earlier save or rotation left behind
         self.accelerator.wait_for_everyone()  # nobody writes into the staging folder before it is cleared
         try:
             self._write_checkpoint_files(staging_dir, output_dir)
@@ -1037,13 +1037,22 @@ def _remove_checkpoint(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _remove_debris(output_dir: str) -> None:
-    """Delete `.tmp-*` folders: saves or deletions a crash interrupted (never a complete checkpoint)."""
+_STAGING = re.compile(rf"^{re.escape(TMP_PREFIX)}(delete-)?{PREFIX_CHECKPOINT_DIR}-\d+$")
+
+
+def remove_debris(output_dir: str) -> list[str]:
+    """Delete the staging folders of saves or deletions that a crash or a kill interrupted (`.tmp-checkpoint-<N>`,
+    `.tmp-delete-checkpoint-<N>`): looptrain's own names only, real folders only (never a link, never a complete
+    `checkpoint-<N>`). Returns the names removed."""
+    removed = []
     if not os.path.isdir(output_dir):
-        return
+        return removed
     for name in os.listdir(output_dir):
-        if name.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(output_dir, name)):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        path = os.path.join(output_dir, name)
+        if _STAGING.match(name) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def _fsync_tree(path: str) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import shutil
 
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
+
+from .checkpoint import remove_debris
 
 logger = logging.get_logger(__name__)
 
@@ -118,23 +118,6 @@ def check_output_dir(args) -> None:
         )
 
 
-_STAGING = re.compile(r"^\.tmp-(delete-)?checkpoint-\d+$")
-
-
-def remove_leftover_staging(folder: str) -> list[str]:
-    """Delete the staging folders of saves a kill interrupted (`.tmp-checkpoint-<N>`, `.tmp-delete-checkpoint-<N>`):
-    looptrain's own names only, real folders only (never a link, never a complete `checkpoint-<N>`)."""
-    removed = []
-    if not os.path.isdir(folder):
-        return removed
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if _STAGING.match(name) and os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-    return removed
-
-
 # ------------------------------------------------------------------------------------------ callbacks
 _EVENTS = sorted(name for name in vars(TrainerCallback) if name.startswith("on_"))
 
@@ -221,7 +204,7 @@ def check_before_training(trainer) -> None:
         )
     check_output_dir(args)
     if args.should_save or args.local_process_index == 0:  # each machine's disk (save_on_each_node=False too)
-        remove_leftover_staging(args.output_dir)  # what a killed save left behind
+        remove_debris(args.output_dir)  # what a killed save left behind
     if any(getattr(m, "running_mean", None) is not None for m in model.modules()):
         return  # batch-norm statistics change in the forward pass even at learning rate 0
     optim = str(getattr(args.optim, "value", args.optim))
