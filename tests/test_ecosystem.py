@@ -10,6 +10,7 @@ looptrain's and compares every non-timing log_history value, every final weight 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import json
 import os
@@ -271,10 +272,11 @@ def test_compare_reports_a_failed_run(tmp_path, compare_script):
 def _library_trainer_classes():
     """Every class in the installed libraries that subclasses Trainer (or Seq2SeqTrainer), directly or through
     another of them, found by name in their source: {(file, class name): ast.ClassDef}."""
-    site = pathlib.Path(transformers.__file__).resolve().parents[1]
     trees = []
     for library in LIBRARIES:
-        for path in sorted((site / library).rglob("*.py")):
+        # each library's own folder: make test's venv holds them, the venv below it transformers
+        folder = pathlib.Path(importlib.util.find_spec(library).origin).resolve().parent
+        for path in sorted(folder.rglob("*.py")):
             try:
                 trees.append((path, ast.parse(path.read_text())))
             except SyntaxError:
