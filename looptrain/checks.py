@@ -24,6 +24,8 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .validation import check_first_backward, warn_if_fewer_processes_than_asked
+
 try:
     import datasets
 except ImportError:
@@ -65,7 +67,6 @@ def check_process_group(accelerator) -> None:
             f"{wanted} configuration needs devices this machine lacks. On CPUs, launch with `accelerate launch "
             "--multi_gpu --num_processes N` (gloo) or a DDP config with use_cpu: true; or run one process."
         )
-    from .validation import warn_if_fewer_processes_than_asked
 
     warn_if_fewer_processes_than_asked(accelerator)  # the opposite: fewer processes than the launch asked for
 
@@ -170,9 +171,7 @@ def explaining_errors(accelerator, model, inputs, trainer=None):
         if clearer is None:
             raise
         raise clearer from err
-    if trainer is not None:
-        from .validation import check_first_backward
-
+    if trainer is not None and not trainer._first_backward_checked:  # one attribute test per micro-batch after that
         check_first_backward(trainer, model)
 
 

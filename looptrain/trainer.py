@@ -238,6 +238,7 @@ class Trainer(
         self.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # the window being trained
         self.neftune_hook_handle = None
         self._attn_mask_causal_checked = self._warned_loss_scale = False  # one-time checks (backends.py)
+        self._first_backward_checked = False  # validation.check_first_backward: once per train()
         self._preemption = Preemption()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         # Trainer: caching key/values only wastes memory in training; the model is told so.

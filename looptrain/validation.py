@@ -247,8 +247,6 @@ def _default(trainer, name: str) -> bool:
 def check_first_backward(trainer, model) -> None:
     """After the first micro-batch's backward: the loss reached at least one tensor the optimizer updates. Host-side
     (`p.grad is None`), once per train(); not under DeepSpeed/FSDP/LOMO, whose engines keep gradients elsewhere."""
-    if getattr(trainer, "_first_backward_checked", False):
-        return
     trainer._first_backward_checked = True
     optimizer = getattr(trainer, "optimizer", None)
     optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
