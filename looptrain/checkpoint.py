@@ -34,7 +34,7 @@ import random
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ from transformers.utils import (
     WEIGHTS_NAME,
     logging,
 )
+
+from . import fastpath
 
 logger = logging.get_logger(__name__)
 
@@ -91,6 +93,11 @@ class LoopState:
     grad_norm: object = None
     learning_rate: float | None = None
     at_epoch_end: bool = False
+    # The NaN/inf filter's deferred check (`fastpath.add_step_loss`): the step losses added to `tr_loss` since the
+    # sum was last checked, each with its running-mean divisor, and the sum as it was then.
+    unchecked: list = field(default_factory=list)
+    checked_tr_loss: torch.Tensor | None = None
+    defer_nan_filter: bool = False
 
     @classmethod
     def start(cls, global_step: int, device, resume: Resume | None = None, process_index: int = 0) -> LoopState:
@@ -393,6 +400,8 @@ class CheckpointMixin:
             self._save_optimizer_and_scheduler(staging_dir)
             self._save_scaler(staging_dir)
             self._save_rng_state(staging_dir)
+        if self._loop is not None:
+            fastpath.settle_loss(self._loop)  # the running loss as Trainer would have it
         loop_state = self._loop.to_json(self.accelerator) if self._loop is not None else None  # collective
         if args.should_save:
             # The callbacks' state as it is now. (Trainer appends to a list for repeated callback types and restores

@@ -11,6 +11,7 @@ loop synchronises anyway (a log, an evaluation, a save).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -267,15 +268,22 @@ def explain_forward_error(err: BaseException, model, inputs) -> Exception | None
 class DivergenceGuard:
     """Watches the gradient norm of every optimizer step for NaN or infinity, on the device.
 
-    `observe` costs two tensor operations and no host synchronisation; `check` reads the flag, and the loop calls
-    it only where it synchronises anyway (before a log, an evaluation or a save, and at the end), so a diverged
-    run stops at the latest at its next log and never saves a non-finite checkpoint. Under fp16's loss scaler a
-    non-finite gradient norm is an overflow, not divergence: there the weights are checked instead (`observe_weights`).
+    `observe` keeps the step's norm (a list append); every `FOLD_EVERY` steps, and at `check`, the kept norms are
+    folded into `first_bad_step` with a few tensor operations and no host synchronisation. `check` reads the flag,
+    and the loop calls it only where it synchronises anyway (before a log, an evaluation or a save, and at the end),
+    so a diverged run stops at the latest at its next log and never saves a non-finite checkpoint. Under fp16's
+    loss scaler a non-finite gradient norm is an overflow, not divergence: there the weights are checked instead
+    (`observe_weights`).
     """
+
+    FOLD_EVERY = 256  # norms kept before they are folded (bounds what is held between two checks)
 
     def __init__(self, device):
         self.first_bad_step = torch.tensor(-1, device=device)
         self.what = "the gradient norm was NaN or infinite at optimizer step"
+        self._norms: list[torch.Tensor] = []  # the norms of consecutive steps, from `_first_step`, not yet folded
+        self._first_step = 0
+        self._host_first_bad: int | None = None  # a norm that came as a Python float (DeepSpeed's) is checked here
 
     def observe_weights(self, model, step: int) -> None:
         """Under fp16's loss scaler a non-finite gradient norm is an overflow the scaler handles (with the fused AdamW
@@ -287,19 +295,39 @@ class DivergenceGuard:
             self.what = "the weights were NaN or infinite by optimizer step"
 
     def observe(self, grad_norm, step: int) -> None:
-        """After optimizer step `step`: remember it if its gradient norm is not finite (device ops, no sync)."""
+        """After optimizer step `step`: keep its gradient norm (no device operation, no sync)."""
         if grad_norm is None:
             return
-        norm = grad_norm if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
-        bad = ~torch.isfinite(norm.to(self.first_bad_step.device))
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & bad, step, self.first_bad_step)
+        if not torch.is_tensor(grad_norm):
+            if self._host_first_bad is None and not math.isfinite(grad_norm):
+                self._host_first_bad = step
+            return
+        if self._norms and step != self._first_step + len(self._norms):
+            self._fold()
+        if not self._norms:
+            self._first_step = step
+        self._norms.append(grad_norm)
+        if len(self._norms) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        """`first_bad_step` = the first kept step whose norm is not finite, unless an earlier one was (device ops)."""
+        device = self.first_bad_step.device
+        norms = torch.stack([n.reshape(()).to(device=device, dtype=torch.float32) for n in self._norms])
+        bad = ~torch.isfinite(norms)
+        first_bad = self._first_step + torch.argmax(bad.to(torch.uint8))  # argmax: the first maximum
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & bad.any(), first_bad, self.first_bad_step)
+        self._norms = []
 
     def check(self, find_last_checkpoint) -> None:
         """Raise `TrainingDiverged` if a step was non-finite; `find_last_checkpoint()` names the last good checkpoint
         (asked only then)."""
-        step = int(self.first_bad_step.item())
-        if step < 0:
+        if self._norms:
+            self._fold()
+        steps = [s for s in (int(self.first_bad_step.item()), self._host_first_bad) if s is not None and s >= 0]
+        if not steps:
             return
+        step = min(steps)
         last_good_checkpoint = find_last_checkpoint()
         where = (
             f"the last checkpoint before it is {last_good_checkpoint}"

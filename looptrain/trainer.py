@@ -343,7 +343,7 @@ class Trainer(
         self._loop = LoopState.start(self.state.global_step, args.device, self._resume, args.process_index)
         self._divergence = checks.DivergenceGuard(args.device)
         model.zero_grad()
-        fastpath.start(self)
+        fastpath.start(self, self._loop)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         # Trainer: evaluate before the first step, logged at step 0 (costs one RNG draw); again after a checkpoint,
         # a draw the uninterrupted run did not take, which looptrain leaves out.
@@ -463,16 +463,16 @@ class Trainer(
                 # looptrain: out-of-range labels and too-long sequences are named, not left to torch's message
                 with sync_context, checks.explaining_errors(self.accelerator, model, inputs, trainer=self):
                     tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
+                if self._loop.tr_loss.device != tr_loss_step.device:
+                    raise checks.loss_on_wrong_device(tr_loss_step, self._loop.tr_loss)
                 if args.logging_nan_inf_filter:
-                    # Trainer: a NaN/Inf step loss counts as the running mean (`if isnan or isinf`, without a host sync)
-                    running_mean = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
-                    tr_loss_step = torch.where(torch.isfinite(tr_loss_step), tr_loss_step, running_mean)
-                if self._tr_loss.device != tr_loss_step.device:
-                    raise checks.loss_on_wrong_device(tr_loss_step, self._tr_loss)
-                self._tr_loss += tr_loss_step
+                    # Trainer: a NaN/Inf step loss counts as the running mean since the last log (no host sync here)
+                    steps_since_log = 1 + self.state.global_step - self._loop.globalstep_last_logged
+                    fastpath.add_step_loss(self, self._loop, tr_loss_step, steps_since_log)
+                else:
+                    self._loop.tr_loss += tr_loss_step
                 self.current_flos += float(self.floating_point_ops(inputs))
                 self._track_num_input_tokens(inputs)
-
                 if do_sync_step:  # the window is complete
                     grad_norm, lr = self._optimizer_step(model, epoch + (step + 1) / steps_in_epoch, trial)
                     self._maybe_log_save_evaluate(
@@ -510,12 +510,13 @@ class Trainer(
         step_was_skipped = self.accelerator.optimizer_step_was_skipped
         if not step_was_skipped and not steps_on_metrics(self.lr_scheduler):
             self.lr_scheduler.step()
-        model.zero_grad()
+        fastpath.zero_grad(self, model)  # model.zero_grad()
         self.state.global_step += 1
         self.state.epoch = epoch
         self._loop.grad_norm, self._loop.learning_rate = grad_norm, learning_rate  # looptrain_state.json
-        if not step_was_skipped and self.accelerator.scaler is None:  # (fp16: see _stop_if_diverged)
-            self._divergence.observe(grad_norm, self.state.global_step)  # on the device, no sync
+        # looptrain: the NaN/inf guard keeps the norm (no device op, no sync). fp16: see _stop_if_diverged.
+        if self.raise_on_divergence and not step_was_skipped and self.accelerator.scaler is None:
+            self._divergence.observe(grad_norm, self.state.global_step)
         self.control = self.callback_handler.on_step_end(args, self.state, self.control)
         if self._preemption.requested(self.accelerator):  # SIGTERM: save at this step boundary, then stop
             self.control.should_save = True
@@ -648,7 +649,7 @@ class Trainer(
             # Trainer: the window's count was summed over processes, so each rank's loss is scaled back up; DDP's
             # gradient averaging then yields the global token mean. (Tensor-parallel ranks share their batch.)
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
-            loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
+            loss = fastpath.rescale_loss(self, loss, loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)  # loss *=
         return (loss, outputs) if return_outputs else loss
 
     def compute_loss_context_manager(self):
@@ -669,6 +670,7 @@ class Trainer(
     ):
         """Trainer's order: log, then evaluate (and track the best metric), then save."""
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
+            fastpath.settle_loss(self._loop)  # the NaN/inf filter, checked where the loss is read
             # Trainer: the loss logged is the float32 sum since the last log (mean over processes), divided by
             # the number of optimizer steps in between. Not rounded.
             tr_loss_scalar = self.accelerator.gather(tr_loss).mean().item()
@@ -707,6 +709,7 @@ class Trainer(
         """The summary log (Trainer's `train_loss` is the mean of the losses of this call), the best model,
         `on_train_end`."""
         self._stop_if_diverged(trial, at_the_end=True)  # no diverged model is returned
+        fastpath.settle_loss(self._loop)
         self._total_loss_scalar += self._tr_loss.item()
         num_steps = self.state.global_step - self._initial_global_step
         train_loss = self._total_loss_scalar / max(num_steps, 0.001)
@@ -777,7 +780,7 @@ class Trainer(
                 else b["labels"]
                 for b in batch_samples
             ]
-            num_items = sum(label.ne(-100).sum() for label in labels)
+            num_items = fastpath.label_count(self, labels)  # sum(label.ne(-100).sum() for label in labels)
         except (TypeError, AttributeError):
             return None
         if self.args.average_tokens_across_devices:

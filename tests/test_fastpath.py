@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import math
 import sys
 import textwrap
 
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
+import helpers
 import looptrain
 from helpers import accuracy, assert_parity, random_token_dataset, run_both, run_trainer, tiny_bert
 from looptrain import fastpath
@@ -49,6 +51,7 @@ PLAIN_CALLS = {
     "clip": Accelerator.clip_grad_norm_.__code__,
     "optimizer_step": AcceleratedOptimizer.step.__code__,
     "train": nn.Module.train.__code__,
+    "zero_grad": nn.Module.zero_grad.__code__,
     "base_callback": transformers.TrainerCallback.on_pre_optimizer_step.__code__,
 }
 
@@ -102,6 +105,7 @@ def test_savings_are_taken_when_on_and_not_when_off(tmp_path):
             )
     fast, plain = counts["fast"], counts["plain"]
     assert plain["backward"] == 10 and plain["clip"] == 6 and plain["optimizer_step"] == 6
+    assert plain["zero_grad"] == 1 + 6 and fast["zero_grad"] == 1  # once before the first step, then per step
     assert plain["base_callback"] > 0 and plain["train"] == 10 * 51  # the tree of 51 modules, per micro-batch
     assert fast["backward"] == fast["clip"] == fast["optimizer_step"] == fast["base_callback"] == 0
     # model.train() only where the mode changed: after the first epoch's evaluation (the model starts in training mode)
@@ -241,3 +245,193 @@ def test_a_dtensor_gradient_gets_accelerates_clipping(monkeypatch, tmp_path):
             norm = fastpath.clip_grad_norm(trainer, trainer.model, float("inf"))
         assert counts["clip"] == expected
         assert norm == torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()])
+
+
+# ------------------------------------------------------------------------------------------- the parameter walk
+class Block(nn.Module):
+    def __init__(self, shared=None):
+        super().__init__()
+        self.inner = shared if shared is not None else nn.Linear(3, 3)
+        self.other = nn.Linear(3, 2)
+        self.nothing = None  # a None child, skipped by torch
+        self.register_parameter("absent", None)  # a None parameter, skipped by torch
+
+
+def tricky_tree():
+    """Shared submodules met at different depths, a tied weight, None children and parameters."""
+    shared = nn.Linear(3, 3)
+    first, second = Block(shared), Block()
+    root = nn.Sequential(nn.ModuleList([first, nn.Sequential(shared, second)]), second, Block(shared))
+    root[2].other.weight = first.other.weight  # tied: one parameter, two places
+    return root
+
+
+@pytest.mark.parametrize("build", [tricky_tree, tiny_bert, lambda: helpers.tiny_gpt2()], ids=["tricky", "bert", "gpt2"])
+def test_the_parameter_walk_is_torchs(build):
+    """`_parameters` lists what `model.parameters()` yields: the same objects, in the same order (the gradient norm's
+    summation follows it), each once."""
+    model = build()
+    assert fastpath._parameters(model) == list(model.parameters())
+    assert all(a is b for a, b in zip(fastpath._parameters(model), model.parameters()))
+
+
+def test_a_tree_with_a_walk_of_its_own_gets_torchs():
+    class OwnWalk(nn.Linear):
+        def parameters(self, recurse=True):
+            return iter([self.weight])
+
+    class OwnHash(nn.Parameter):
+        def __hash__(self):
+            return 0
+
+    model = nn.Sequential(nn.Linear(2, 2), OwnWalk(2, 2))
+    assert fastpath._parameters(model) is None
+    odd = nn.Linear(2, 2)
+    odd.weight = OwnHash(torch.ones(2, 2))
+    assert fastpath._parameters(nn.Sequential(odd)) is None
+
+
+def test_zero_grad_clears_every_gradient_like_torchs(tmp_path):
+    trainer, _ = run_trainer(
+        looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN, args=dict(BASE, max_steps=1)
+    )
+    model = tricky_tree()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with counting_plain_calls() as counts:
+        fastpath.zero_grad(trainer, model)
+    assert counts["zero_grad"] == 0 and all(p.grad is None for p in model.parameters())
+
+    class OwnZeroGrad(nn.Sequential):
+        def zero_grad(self, set_to_none=True):
+            super().zero_grad(set_to_none)
+
+    trainer.fast_paths = False
+    for model in (tricky_tree(), OwnZeroGrad(nn.Linear(2, 2))):
+        with counting_plain_calls() as counts:
+            fastpath.zero_grad(trainer, model)
+        assert counts["zero_grad"] == 1
+        trainer.fast_paths = True
+
+
+# --------------------------------------------------------------------------------------- loss bookkeeping
+def test_label_count_and_rescale_are_trainers_values(tmp_path):
+    trainer, _ = run_trainer(
+        looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN, args=dict(BASE, max_steps=1)
+    )
+    labels = [torch.tensor([[1, -100, 3]]), torch.tensor([[-100, -100, 2]]), torch.tensor([[4, 5, 6]])]
+    plain = sum(label.ne(-100).sum() for label in labels)
+    for fast_paths in (True, False):
+        trainer.fast_paths = fast_paths
+        for window in (labels[:1], labels):
+            counted = fastpath.label_count(trainer, window)
+            expected = sum(label.ne(-100).sum() for label in window)
+            assert counted.dtype == expected.dtype and counted.item() == expected.item()
+    assert plain.item() == 6
+    loss = torch.tensor(0.37, requires_grad=True) * 1.5
+    trainer.fast_paths = True
+    assert fastpath.rescale_loss(trainer, loss, 1) is loss  # x * 1 is x: left out
+    doubled = fastpath.rescale_loss(trainer, loss.detach().clone(), 2)
+    assert doubled.item() == pytest.approx(2 * loss.item())
+    trainer.fast_paths = False
+    kept = loss.detach().clone()
+    assert fastpath.rescale_loss(trainer, kept, 1) is kept and kept.item() == loss.item()
+
+
+# ---------------------------------------------------------------------------------------- divergence guard
+@pytest.mark.parametrize("bad_step", [None, 1, 7, 300, 513])
+def test_the_divergence_guard_names_the_first_bad_step(bad_step):
+    """`observe` only keeps the norms; folding them (every FOLD_EVERY steps and at `check`) finds the first
+    non-finite one, across folds, a gap in the steps and norms that came as Python floats."""
+    guard = looptrain.checks.DivergenceGuard("cpu")
+    steps = list(range(1, 400)) + list(range(410, 600))  # a gap: the fold before it must not shift the steps
+    for step in steps:
+        value = float("nan") if step == bad_step or (bad_step and step == bad_step + 3) else 1.0
+        guard.observe(torch.tensor(value), step)
+    if bad_step is None:
+        guard.check(lambda: None)
+        return
+    expected = bad_step if bad_step in steps else min(s for s in steps if s > bad_step)
+    with pytest.raises(looptrain.checks.TrainingDiverged, match=rf"optimizer step {expected}\b"):
+        guard.check(lambda: None)
+
+
+def test_the_divergence_guard_reads_float_norms_on_the_host():
+    guard = looptrain.checks.DivergenceGuard("cpu")
+    for step in range(1, 6):
+        guard.observe(float("inf") if step >= 4 else 0.5, step)
+    with pytest.raises(looptrain.checks.TrainingDiverged, match=r"optimizer step 4\b"):
+        guard.check(lambda: None)
+
+
+# ------------------------------------------------------------------------------------------- the NaN/inf filter
+POISONED = []  # one entry per NaN step loss made by loss_with_nan_on_some_batches
+
+
+def loss_with_nan_on_some_batches(outputs, labels, num_items_in_batch=None):
+    """The model's cross-entropy plus a constant that is NaN on some batches (those whose first two labels are 1, 0):
+    those step losses are NaN while the gradients stay finite, so the run goes on and the filter is exercised."""
+    loss = nn.functional.cross_entropy(outputs["logits"], labels)
+    poisoned = bool(labels[0] == 1 and labels[1] == 0)
+    POISONED.extend([1] if poisoned else [])
+    return loss + torch.tensor(float("nan") if poisoned else 0.0)
+
+
+@pytest.mark.parametrize("logging_steps", [1, 3])
+def test_nan_step_losses_are_filtered_like_trainer_both_ways(tmp_path, logging_steps):
+    """Trainer replaces a NaN step loss by the running mean; looptrain defers that check to the next log or save
+    (fast) or makes it on the device every micro-batch (plain): logs, weights and the saved running loss agree."""
+    args = dict(BASE, gradient_accumulation_steps=2, logging_steps=logging_steps, save_strategy="steps", save_steps=2)
+    kwargs = dict(compute_loss_func=loss_with_nan_on_some_batches)
+    POISONED.clear()
+    hf, fast = run_both(tmp_path / "fast", tiny_bert, TRAIN, args=args, trainer_kwargs=kwargs)
+    assert POISONED, "no step loss was NaN: the test proves nothing"
+    assert fast[0]._loop.defer_nan_filter and not fast[0]._loop.unchecked
+    assert_parity(hf, fast)
+    plain = run_trainer(Plain, looptrain.TrainingArguments, tiny_bert, tmp_path / "plain", TRAIN, None, args, kwargs)
+    assert not plain[0]._loop.defer_nan_filter
+    assert_parity(hf, plain)
+    for step in (2, 4):
+        fast_state = tmp_path / "fast" / "lt" / f"checkpoint-{step}" / "looptrain_state.json"
+        plain_state = tmp_path / "plain" / f"checkpoint-{step}" / "looptrain_state.json"
+        assert fast_state.read_text() == plain_state.read_text()
+
+
+def test_the_filter_check_is_deferred_only_for_looptrains_own_methods(tmp_path):
+    class OwnStep(looptrain.Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class OwnLog(looptrain.Trainer):
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    for cls, deferred in (
+        (looptrain.Trainer, True),
+        (looptrain.Seq2SeqTrainer, True),
+        (OwnStep, False),
+        (OwnLog, False),
+    ):
+        args_cls = (
+            looptrain.Seq2SeqTrainingArguments if cls is looptrain.Seq2SeqTrainer else looptrain.TrainingArguments
+        )
+        trainer, _ = run_trainer(cls, args_cls, tiny_bert, tmp_path / cls.__name__, TRAIN, args=dict(BASE, max_steps=2))
+        assert trainer._loop.defer_nan_filter is deferred, cls
+
+
+def test_a_long_unchecked_run_is_settled_on_the_device(monkeypatch):
+    """Without a log the kept losses are bounded: past UNCHECKED_LIMIT they are folded into the plain sum with
+    device operations only; the sum equals the plain one bit for bit, NaN steps included."""
+    monkeypatch.setattr(fastpath, "UNCHECKED_LIMIT", 4)
+    from looptrain.checkpoint import LoopState
+
+    losses = [torch.tensor(v) for v in (0.5, 0.25, float("nan"), 1.5, float("inf"), 0.75, 2.0, float("nan"), 0.1)]
+    sums = []
+    for defer in (True, False):
+        loop = LoopState(tr_loss=torch.tensor(0.0), defer_nan_filter=defer)
+        for i, loss in enumerate(losses):
+            fastpath.add_step_loss(None, loop, loss, 1 + i // 2)
+            assert len(loop.unchecked) < 4
+        fastpath.settle_loss(loop)
+        sums.append(loop.tr_loss.item())
+    assert sums[0] == sums[1] and math.isfinite(sums[0])
