@@ -476,7 +476,7 @@ class Trainer(
                 if do_sync_step:  # the window is complete
                     grad_norm, lr = self._optimizer_step(model, epoch + (step + 1) / steps_in_epoch, trial)
                     self._maybe_log_save_evaluate(
-                        self._tr_loss,
+                        self._loop.tr_loss,
                         grad_norm,
                         model,
                         trial,
@@ -557,7 +557,7 @@ class Trainer(
         self._loop.at_epoch_end = True  # a checkpoint saved now leaves nothing of this epoch to a later run
         try:
             self._maybe_log_save_evaluate(
-                self._tr_loss,
+                self._loop.tr_loss,
                 grad_norm,
                 model,
                 trial,
@@ -710,7 +710,7 @@ class Trainer(
         `on_train_end`."""
         self._stop_if_diverged(trial, at_the_end=True)  # no diverged model is returned
         fastpath.settle_loss(self._loop)
-        self._total_loss_scalar += self._tr_loss.item()
+        self._total_loss_scalar += self._loop.tr_loss.item()
         num_steps = self.state.global_step - self._initial_global_step
         train_loss = self._total_loss_scalar / max(num_steps, 0.001)
         metrics = speed_metrics(
@@ -861,7 +861,12 @@ class Trainer(
 
     # Trainer keeps the running loss in three attributes, which subclasses read (a copied
     # `_maybe_log_save_evaluate` does); looptrain keeps them in one `LoopState`, which checkpoints save.
-    _tr_loss = property(lambda self: self._loop.tr_loss, lambda self, v: setattr(self._loop, "tr_loss", v))
+    # (The loop itself uses `self._loop.tr_loss`; a subclass that reads `_tr_loss` gets the NaN/inf filter's deferred
+    # check done first, on the device, without a sync: fastpath.add_step_loss.)
+    _tr_loss = property(
+        lambda self: fastpath.settled_loss(self._loop),
+        lambda self, v: setattr(fastpath.settled(self._loop), "tr_loss", v),
+    )
     _total_loss_scalar = property(
         lambda self: self._loop.total_loss_scalar, lambda self, v: setattr(self._loop, "total_loss_scalar", v)
     )

@@ -11,6 +11,7 @@ import inspect
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +436,31 @@ def test_a_long_unchecked_run_is_settled_on_the_device(monkeypatch):
         fastpath.settle_loss(loop)
         sums.append(loop.tr_loss.item())
     assert sums[0] == sums[1] and math.isfinite(sums[0])
+
+
+def test_a_subclass_reading_tr_loss_gets_the_filtered_sum_without_a_sync(tmp_path):
+    """Trainer's `_tr_loss` attribute, read by a subclass between logs, is the plain filtered sum: the deferred
+    check is done on the device first (no host sync), and setting it replaces the sum."""
+    from looptrain.checkpoint import LoopState
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import host_syncs
+    finally:
+        sys.path.pop(0)
+
+    trainer, _ = run_trainer(
+        looptrain.Trainer, looptrain.TrainingArguments, tiny_bert, tmp_path, TRAIN, args=dict(BASE, max_steps=1)
+    )
+    losses = [torch.tensor(v) for v in (0.5, float("nan"), 1.5)]
+    sums = []
+    for defer in (True, False):
+        trainer._loop = LoopState(tr_loss=torch.tensor(0.0), defer_nan_filter=defer)
+        for loss in losses:
+            fastpath.add_step_loss(trainer, trainer._loop, loss, 2)
+        with host_syncs.counting() as counter:
+            sums.append(trainer._tr_loss.clone())
+        assert counter.events == [] and not trainer._loop.unchecked
+    assert torch.equal(sums[0], sums[1]) and math.isfinite(sums[0].item())
+    trainer._tr_loss = torch.tensor(7.0)
+    assert trainer._loop.tr_loss.item() == 7.0
