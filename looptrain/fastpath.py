@@ -317,17 +317,6 @@ def add_step_loss(trainer, loop, step_loss: torch.Tensor, divisor: int) -> None:
         settle_loss(loop, read_now=False)
 
 
-def settled(loop):
-    """`loop`, with the deferred check done on the device (no sync): for a reader outside the loop."""
-    settle_loss(loop, read_now=False)
-    return loop
-
-
-def settled_loss(loop) -> torch.Tensor:
-    """`loop.tr_loss`, with the deferred check done on the device (no sync): for a reader outside the loop."""
-    return settled(loop).tr_loss
-
-
 def settle_loss(loop, read_now: bool = True) -> None:
     """Make `loop.tr_loss` the plain filtered sum of `add_step_loss`. With `read_now` (the loop is about to read the
     sum, which synchronises anyway) the kept losses are checked on the host and the sum is redone only if one is

@@ -466,7 +466,7 @@ class Trainer(
                 if self._loop.tr_loss.device != tr_loss_step.device:
                     raise checks.loss_on_wrong_device(tr_loss_step, self._loop.tr_loss)
                 if args.logging_nan_inf_filter:
-                    # Trainer: a NaN/Inf step loss counts as the running mean since the last log (no host sync here)
+                    # Trainer: tr_loss += the step loss, or tr_loss / steps_since_log if it is NaN/Inf (no sync here)
                     steps_since_log = 1 + self.state.global_step - self._loop.globalstep_last_logged
                     fastpath.add_step_loss(self, self._loop, tr_loss_step, steps_since_log)
                 else:
@@ -861,12 +861,18 @@ class Trainer(
 
     # Trainer keeps the running loss in three attributes, which subclasses read (a copied
     # `_maybe_log_save_evaluate` does); looptrain keeps them in one `LoopState`, which checkpoints save.
-    # (The loop itself uses `self._loop.tr_loss`; a subclass that reads `_tr_loss` gets the NaN/inf filter's deferred
-    # check done first, on the device, without a sync: fastpath.add_step_loss.)
-    _tr_loss = property(
-        lambda self: fastpath.settled_loss(self._loop),
-        lambda self, v: setattr(fastpath.settled(self._loop), "tr_loss", v),
-    )
+    @property
+    def _tr_loss(self):
+        # The loop itself reads `self._loop.tr_loss`; a subclass reading it between logs gets the NaN/inf filter's
+        # deferred check done first, on the device, without a sync (fastpath.add_step_loss).
+        fastpath.settle_loss(self._loop, read_now=False)
+        return self._loop.tr_loss
+
+    @_tr_loss.setter
+    def _tr_loss(self, value):
+        fastpath.settle_loss(self._loop, read_now=False)  # the kept step losses belong to the sum being replaced
+        self._loop.tr_loss = value
+
     _total_loss_scalar = property(
         lambda self: self._loop.total_loss_scalar, lambda self, v: setattr(self._loop, "total_loss_scalar", v)
     )

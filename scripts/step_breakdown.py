@@ -4,7 +4,7 @@
 
 Each part is timed with the process's CPU clock around its call (the wrappers cost about 1 us each), inside a
 real `train()` of the tiny BERT of scripts/bench.py (one thread), and in a copy of bench.py's bare loop timed the
-same way. The figures are CPU ms per optimizer step, averaged over the run; in looptrain's list, indented parts
+same way (a copy, with a clock read between its phases: a hook in `bench.bare_loop` would slow the floor it measures). The figures are CPU ms per optimizer step, averaged over the run; in looptrain's list, indented parts
 are inside the part above them. Noisy on a shared machine: compare the two lists of one round, not rounds.
 """
 
