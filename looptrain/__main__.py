@@ -32,7 +32,12 @@ def main(argv: list[str]) -> int:
         use_in_transformers()
         as_module = rest[0] == "-m"
         target, script_args = (rest[1], rest[2:]) if as_module else (rest[0], rest[1:])
-        return _exit_code(lambda: run_target(target, script_args, as_module))
+        status = _exit_code(lambda: run_target(target, script_args, as_module))
+        if status == 0:
+            from .backends import end_process_group
+
+            end_process_group()
+        return status
     if command == "compare":
         from .compare import main as compare
 

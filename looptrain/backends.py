@@ -14,7 +14,8 @@ Each concern is one named seam, a method of `BackendMixin` (mixed into `looptrai
     `_sequence_parallel_loss`;
   * one micro-batch: `_prepare_input(s)` (device placement), `_backward_kwargs`, `_clip_grad_norm`, `_get_grad_norm`,
     `_warn_if_loss_not_scaled_for_ga`;
-  * counting: `_track_num_input_tokens`, `floating_point_ops`, `store_flos`.
+  * counting: `_track_num_input_tokens`, `floating_point_ops`, `store_flos`;
+  * the end of a launched script (`looptrain run`, the job): `end_process_group`, a function.
 The methods with Trainer's names keep Trainer's signatures and call sites (tests/test_surface.py).
 """
 
@@ -653,3 +654,19 @@ def _model_uses_num_items(model) -> bool:
     except (OSError, TypeError):
         return True  # cannot tell: do not warn
     return "loss_function" in source or "num_items_in_batch" in source
+
+
+def end_process_group() -> None:
+    """After a launched script has finished: wait for every process, then destroy the default process group, if one is
+    up. Left to interpreter exit, gloo's threads can outlive the interpreter and abort the process ("terminate called
+    without an active exception", exit -6), failing a launch whose work is done. `looptrain run` and the job call this
+    once the script returned; a script that already destroyed its group is left as it is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()  # no process tears down its connections while a peer still reads from them
+    except Exception:  # a peer already gone, or the group's timeout: the launcher reports that process, not this one
+        pass
+    dist.destroy_process_group()

@@ -41,6 +41,7 @@ from transformers import HfArgumentParser  # noqa: E402
 from transformers.trainer_pt_utils import log_metrics, save_metrics, save_state  # noqa: E402  (Trainer's own)
 
 import looptrain  # noqa: E402
+from looptrain.backends import end_process_group  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -728,6 +729,7 @@ def resume_command(checkpoint) -> str:
 def cli(argv=None, trainer_cls=None):
     try:
         main(argv, trainer_cls)
+        end_process_group()  # under `accelerate launch`: every process is done, then the group closes cleanly
     except JobError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)

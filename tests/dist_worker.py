@@ -33,6 +33,7 @@ from datasets import Dataset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import looptrain  # noqa: E402
 from helpers import accuracy, make_args, random_token_dataset, strip_timing, tiny_bert, tiny_gpt2  # noqa: E402
+from looptrain.backends import end_process_group  # noqa: E402
 
 LIBS = {
     "transformers": (transformers.Trainer, transformers.TrainingArguments),
@@ -311,11 +312,7 @@ def main():
     results = {case: CASES[case](os.path.join(opts.workdir, case)) for case in opts.case}
     with open(f"{opts.out}.rank{rank()}.json", "w") as f:
         json.dump(results, f)
-    if torch.distributed.is_initialized():
-        # Without this, gloo's threads are still alive at interpreter exit and the process can abort
-        # ("terminate called without an active exception"), failing the launch after the work is done.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()  # gloo's threads must not outlive the interpreter: an abort at exit fails the launch
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import transformers  # noqa: E402
 
 import looptrain  # noqa: E402
 from helpers import random_token_dataset, tiny_bert  # noqa: E402
+from looptrain.backends import end_process_group  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shared", required=True)
@@ -46,3 +47,4 @@ for where in ("own", cli.shared):
             trainer.train()
         trainer.accelerator.wait_for_everyone()
 print(f"node {rank} done")
+end_process_group()  # gloo's threads must not outlive the interpreter (an abort at exit failed a CI run)

@@ -532,9 +532,9 @@ def main():
     results = mode(opts.workdir, opts.setup, plugins=not opts.no_plugins)
     with open(f"{opts.out}.rank{rank()}.json", "w") as f:
         json.dump(results, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # gloo's threads must not outlive the interpreter (see dist_worker.py)
-        torch.distributed.destroy_process_group()
+    from looptrain.backends import end_process_group
+
+    end_process_group()  # gloo's threads must not outlive the interpreter: an abort at exit fails the launch
 
 
 if __name__ == "__main__":

@@ -663,6 +663,25 @@ def test_a_used_output_dir_is_resumed_refused_or_cleared(tmp_path, capsys):
     run_job(plain)
 
 
+def test_the_job_ends_its_process_group_after_the_work_and_only_then(monkeypatch):
+    """Under `accelerate launch` the job closes the process group once main() returned (an abort at exit would fail
+    a finished launch); a job that stopped with an error leaves it to the launcher."""
+    calls = []
+    monkeypatch.setattr(train, "end_process_group", lambda: calls.append("end"))
+    monkeypatch.setattr(train, "main", lambda argv, trainer_cls: calls.append("main"))
+    train.cli([])
+    assert calls == ["main", "end"]
+
+    def broken(argv, trainer_cls):
+        raise train.JobError("bad")
+
+    calls.clear()
+    monkeypatch.setattr(train, "main", broken)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        train.cli([])
+    assert calls == []
+
+
 def test_output_dir_checks_directly(tmp_path):
     from job import runs
 

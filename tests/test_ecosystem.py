@@ -211,6 +211,28 @@ def test_run_under_accelerate_launch_on_two_processes(tmp_path):
     assert ranks[0]["log"][-1]["step"] == 2
 
 
+GROUP_SCRIPT = """
+    import atexit, sys
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+    # runs at interpreter exit, after `looptrain run` returned: the group is still up only if nobody ended it
+    atexit.register(lambda: open(sys.argv[2], "w").write(str(dist.is_initialized())))
+    if sys.argv[3] == "fail":
+        raise ValueError("broken on purpose")
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_run_ends_the_process_group_of_a_script_that_finished(tmp_path, outcome):
+    """Left to interpreter exit, gloo's threads can abort a finished process (exit -6, a failed launch), so `run`
+    waits for every process and destroys the group once the script returned; after a failure it touches nothing."""
+    (tmp_path / "group.py").write_text(textwrap.dedent(GROUP_SCRIPT))
+    flag = tmp_path / "initialized_at_exit"
+    out = looptrain_cli("run", tmp_path / "group.py", _free_port(), flag, outcome, cwd=tmp_path)
+    assert out.returncode == (0 if outcome == "ok" else 1), out.stderr[-3000:]
+    assert flag.read_text() == ("False" if outcome == "ok" else "True")
+
+
 # ============================================================================================== `compare`
 COMPARE_SCRIPT = """
     import sys
