@@ -661,12 +661,10 @@ def end_process_group() -> None:
     up. Left to interpreter exit, gloo's threads can outlive the interpreter and abort the process ("terminate called
     without an active exception", exit -6), failing a launch whose work is done. `looptrain run` and the job call this
     once the script returned; a script that already destroyed its group is left as it is."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    try:
-        dist.barrier()  # no process tears down its connections while a peer still reads from them
-    except Exception:  # a peer already gone, or the group's timeout: the launcher reports that process, not this one
-        pass
-    dist.destroy_process_group()
+    # The barrier: no process tears down its connections while a peer still reads from them. If it fails (a peer
+    # already gone, or the group's timeout), the launcher reports that process, not this one.
+    with contextlib.suppress(Exception):
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
